@@ -1,0 +1,78 @@
+"""A generic wrapper that makes any Llama-layout transformers causal LM an mllmkit :class:`LLM`.
+
+LLM plugins (Qwen, Baichuan, …) convert their checkpoints into a native transformers model whose
+``model`` has ``embed_tokens``, ``layers``, ``norm`` and ``rotary_emb`` and which has an ``lm_head``
+(Qwen2, Llama, Mistral all do), then wrap it here with their tokenizer and chat template. This file
+holds no family-specific code.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mllmkit.interfaces import Tokenizer
+from mllmkit.template import ChatTemplate
+
+__all__ = ["HFCausalLM"]
+
+
+class HFCausalLM(nn.Module):
+    """An mllmkit LLM around a transformers ``*ForCausalLM`` with the Llama module layout."""
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Tokenizer, template: ChatTemplate,
+                 max_positions: int | None = None) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.hidden_size: int = hf_model.config.hidden_size
+        self.max_positions = max_positions
+
+    # -- the pieces the MLLM and pipeline backends use --
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.hf_model.get_input_embeddings()
+
+    def layers(self) -> Sequence[nn.Module]:
+        return self.hf_model.model.layers
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.hf_model.model.norm
+
+    @property
+    def head(self) -> nn.Module:
+        return self.hf_model.lm_head
+
+    @property
+    def rotary(self) -> nn.Module:
+        return self.hf_model.model.rotary_emb
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)
+
+    def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_length(inputs_embeds.shape[1])
+        out = self.hf_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.hf_model.gradient_checkpointing_disable()
+
+    def _check_length(self, length: int) -> None:
+        if self.max_positions is not None and length > self.max_positions:
+            raise ValueError(
+                f"sequence of {length} tokens is longer than this model's {self.max_positions} positions; "
+                f"shorten the input (max_text_len, chat history window)"
+            )

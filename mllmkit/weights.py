@@ -1,0 +1,194 @@
+"""Reading real checkpoint files safely and streaming them into (meta-initialised) modules.
+
+Every loader in mllmkit goes through here: ``.pth``/``.bin`` via ``torch.load(weights_only=True,
+mmap=True)`` (a pickle that would run code is refused with a clear error), ``.safetensors`` shards
+and their ``*.index.json``. :class:`KeyMap` renames upstream keys through a declared table of
+regular expressions; :func:`load_into` assigns tensors shard by shard, so a model built on the meta
+device never holds a second full copy, and accounts strictly for missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+import re
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import attrs
+import torch
+from torch import nn
+
+from mllmkit.errors import UserError
+
+__all__ = ["WeightsError", "safe_torch_load", "checkpoint_files", "iter_tensors", "KeyMap", "load_into",
+           "LoadReport", "materialize_meta"]
+
+
+class WeightsError(UserError):
+    """A checkpoint file is missing, unsafe, or does not match the model."""
+
+
+def safe_torch_load(path: str | pathlib.Path) -> Any:
+    """``torch.load`` that never executes pickled code and memory-maps where it can."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{path}: refused to load: the file contains pickled objects that are not plain tensors and "
+            f"containers, and loading them could run code ({str(exc).splitlines()[0]})"
+        ) from None
+    except RuntimeError as exc:
+        if "mmap" in str(exc) or "zip" in str(exc):  # legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({exc})") from None
+
+
+def checkpoint_files(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """The weight files of a checkpoint: a file, or a folder with shards (index.json or glob)."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise WeightsError(f"checkpoint not found: {path}")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise WeightsError(f"{index}: names shard files that are missing: {', '.join(missing)}")
+            return [path / f for f in files]
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pth", "*.pt"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise WeightsError(f"{path}: no weight files (*.safetensors, pytorch_model*.bin, *.pth) in this folder")
+
+
+def _file_tensors(path: pathlib.Path, subkey: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+        return
+    obj = safe_torch_load(path)
+    if subkey is not None:
+        if not isinstance(obj, Mapping) or subkey not in obj:
+            found = ", ".join(list(obj)[:8]) if isinstance(obj, Mapping) else type(obj).__name__
+            raise WeightsError(f"{path}: expected a dict with key {subkey!r}, found keys: {found}")
+        obj = obj[subkey]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            yield key, value
+
+
+def iter_tensors(files: Sequence[pathlib.Path], subkey: str | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield the tensors of each file as one list (one shard at a time)."""
+    for path in files:
+        yield list(_file_tensors(path, subkey))
+
+
+@attrs.frozen
+class KeyMap:
+    """A declared table of key renames: ``(pattern, replacement)`` regexes, first match wins.
+
+    Keys matching ``skip`` are expected in upstream files but not used. A key matching no rule is
+    unexpected. A replacement may be a function returning several (key, tensor) pairs from one
+    (e.g. splitting a fused qkv weight).
+    """
+
+    rules: Sequence[tuple[str, Any]]
+    skip: Sequence[str] = ()
+
+    def apply(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        for pattern in self.skip:
+            if re.fullmatch(pattern, key):
+                return []
+        for pattern, replacement in self.rules:
+            match = re.fullmatch(pattern, key)
+            if match:
+                if callable(replacement):
+                    return list(replacement(match, tensor))
+                return [(match.expand(replacement), tensor)]
+        return None
+
+
+@attrs.define
+class LoadReport:
+    loaded: list[str] = attrs.Factory(list)
+    skipped: list[str] = attrs.Factory(list)
+
+
+def load_into(module: nn.Module, shards: Iterable[list[tuple[str, torch.Tensor]]], key_map: KeyMap, *,
+              source: str, dtype: torch.dtype | None = None, keep_fp32: Sequence[str] = (),
+              allow_missing: Sequence[str] = (), strict: bool = True) -> LoadReport:
+    """Stream mapped tensors into ``module``; strict accounting of missing and unexpected keys.
+
+    ``dtype`` casts floating tensors except those whose target name matches a ``keep_fp32`` regex.
+    ``allow_missing`` lists regexes of module keys that may stay unloaded (they keep their init).
+    """
+    expected = dict(module.state_dict(keep_vars=True))
+    report = LoadReport()
+    unexpected: list[str] = []
+    for shard in shards:
+        batch: dict[str, torch.Tensor] = {}
+        for key, tensor in shard:
+            mapped = key_map.apply(key, tensor)
+            if mapped is None:
+                unexpected.append(key)
+                continue
+            if not mapped:
+                report.skipped.append(key)
+            for target, value in mapped:
+                if target not in expected:
+                    unexpected.append(f"{key} (as {target})")
+                    continue
+                want = expected[target]
+                if tuple(value.shape) != tuple(want.shape):
+                    raise WeightsError(f"{source}: {key} has shape {list(value.shape)}, the model expects "
+                                       f"{list(want.shape)} for {target}")
+                if value.is_floating_point():
+                    keep = any(re.fullmatch(p, target) for p in keep_fp32)
+                    value = value.to(torch.float32 if keep else (dtype or want.dtype))
+                batch[target] = value.contiguous()
+        if strict and unexpected:
+            break
+        module.load_state_dict(batch, strict=False, assign=True)
+        report.loaded.extend(batch)
+    missing = [k for k in expected if k not in set(report.loaded)
+               and not any(re.fullmatch(p, k) for p in allow_missing) and not _is_buffer(module, k)]
+    if strict and (missing or unexpected):
+        parts = []
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        raise WeightsError(f"{source}: checkpoint does not match the model: " + "; ".join(parts))
+    return report
+
+
+def _is_buffer(module: nn.Module, key: str) -> bool:
+    owner, _, name = key.rpartition(".")
+    sub = module.get_submodule(owner) if owner else module
+    return name in dict(sub.named_buffers(recurse=False))
+
+
+def materialize_meta(module: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Give any parameter or buffer still on the meta device real (zero) storage on ``device``."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(sub, name, nn.Parameter(torch.zeros_like(param, device=device),
+                                                requires_grad=param.requires_grad))
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                sub.register_buffer(name, torch.zeros_like(buf, device=device))
