@@ -139,14 +139,19 @@ def _convert(tp: Any, value: Any, key: str, base_dir: pathlib.Path | None) -> An
         raise _mismatch(tp, value, key)
     if tp is str:
         if isinstance(value, str):
-            return value
+            return str(value)
         raise _mismatch(tp, value, key)
     if tp is pathlib.Path:
         if not isinstance(value, (str, pathlib.Path)):
             raise _mismatch(tp, value, key)
         path = pathlib.Path(os.path.expandvars(os.path.expanduser(str(value))))
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
+        origin = getattr(value, "base_dir", base_dir)  # the folder of the file that wrote it
+        if not path.is_absolute() and origin is not None:
+            home = os.environ.get("MLLMKIT_HOME")
+            if home and not (origin / path).exists() and (pathlib.Path(home) / path).exists():
+                path = pathlib.Path(home) / path  # shared cache of weights and data
+            else:
+                path = origin / path
         return path
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

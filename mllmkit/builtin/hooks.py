@@ -1,0 +1,13 @@
+"""The core's own plugin: built-in bridges, datasets and parallel backends, registered like any other."""
+
+from __future__ import annotations
+
+from mllmkit.hookspecs import hookimpl
+from mllmkit.registry import ComponentSpec
+
+
+@hookimpl
+def mllmkit_register_bridges() -> list[ComponentSpec]:
+    from mllmkit.builtin.projection_bridges import SPECS
+
+    return SPECS

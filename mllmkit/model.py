@@ -1,0 +1,133 @@
+"""MLLM: vision encoder → bridges → LLM, image-token insertion, loss at labelled positions.
+
+Where an image becomes tokens: :meth:`MLLM.encode_images` (pixels → ``[n_images, Q, hidden]``) and
+:meth:`MLLM.embed` (those rows scattered, in order, into the embedding rows of the template's image
+placeholder tokens). :meth:`MLLM.forward` computes the summed cross-entropy over labelled tokens
+only, applying the LLM head only at those positions (never a ``[B, T, vocab]`` logits tensor).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllmkit.errors import UserError
+from mllmkit.template import IGNORE_INDEX
+
+__all__ = ["MLLM", "LossOutput", "ImageTokenMismatch"]
+
+
+class ImageTokenMismatch(UserError):
+    """The batch's image placeholders do not match the number of images given."""
+
+
+@attrs.frozen
+class LossOutput:
+    """Summed token loss and the number of labelled tokens it covers (mean = sum / count)."""
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.loss_sum / self.num_tokens.clamp(min=1)
+
+
+class MLLM(nn.Module):
+    """A multimodal LLM composed of parts; ``trainable`` says which parts train (others frozen, eval)."""
+
+    def __init__(self, vision: nn.Module, bridges: Sequence[nn.Module], llm: nn.Module,
+                 trainable: dict[str, bool] | None = None) -> None:
+        super().__init__()
+        self.vision = vision
+        self.bridges = nn.ModuleList(bridges)
+        self.llm = llm
+        self.tokens_per_image: int = self._tokens_per_image()
+        self.trainable_parts: dict[str, bool] = {"vision": False, "llm": False,
+                                                 **{f"bridges.{i}": True for i in range(len(self.bridges))},
+                                                 **(trainable or {})}
+        self.apply_freeze_policy()
+
+    def _tokens_per_image(self) -> int:
+        tokens = self.vision.num_tokens
+        for bridge in self.bridges:
+            tokens = bridge.tokens_out(tokens)
+        return tokens
+
+    # -- freezing --
+    def parts(self) -> Iterator[tuple[str, nn.Module]]:
+        yield "vision", self.vision
+        for i, bridge in enumerate(self.bridges):
+            yield f"bridges.{i}", bridge
+        yield "llm", self.llm
+
+    def apply_freeze_policy(self) -> None:
+        for name, part in self.parts():
+            trainable = self.trainable_parts.get(name, False)
+            for param in part.parameters():
+                param.requires_grad_(trainable and param.is_floating_point())
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "MLLM":
+        super().train(mode)
+        for name, part in self.parts():
+            if not self.trainable_parts.get(name, False):
+                part.eval()  # frozen parts stay in eval mode (no dropout, fixed norms)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    # -- images to tokens --
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[n, 3, H, W]`` → ``[n, tokens_per_image, llm hidden]`` in the LLM's embedding dtype."""
+        vision_param = next(self.vision.parameters(), None)
+        if vision_param is not None:
+            pixels = pixels.to(device=vision_param.device, dtype=vision_param.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_parts.get("vision", False)):
+            feats = self.vision(pixels)
+        for bridge in self.bridges:
+            feats = bridge(feats)
+        return feats
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
+              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image placeholder rows replaced by image embeddings, in order."""
+        embeds = self.llm.embed(input_ids)
+        placeholder = input_ids == self.llm.template.image_token_id
+        count = int(placeholder.sum())
+        if image_embeds is None and pixels is not None and pixels.shape[0] > 0:
+            image_embeds = self.encode_images(pixels)
+        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        if count != n_images * self.tokens_per_image:
+            raise ImageTokenMismatch(
+                f"the batch has {count} image placeholder tokens but {n_images} image(s) × "
+                f"{self.tokens_per_image} tokens = {n_images * self.tokens_per_image} image embeddings"
+            )
+        if n_images == 0:
+            return embeds
+        rows = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(placeholder.unsqueeze(-1), rows)
+
+    # -- loss --
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> LossOutput:
+        embeds = self.embed(input_ids, pixels=pixels, image_embeds=image_embeds)
+        hidden = self.llm.hidden(embeds, attention_mask=attention_mask, position_ids=position_ids)
+        return self.loss_from_hidden(hidden, labels)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Shifted cross-entropy, the head applied only where the next token is labelled."""
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = self.llm.logits(hidden[:, :-1][selected]).float()
+        loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
+        return LossOutput(loss_sum=loss_sum, num_tokens=selected.sum())

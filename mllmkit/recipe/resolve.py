@@ -1,0 +1,134 @@
+"""Validation of a recipe in two passes, into a :class:`Recipe` of resolved components.
+
+Pass 1 checks the recipe's own schema (sections, keys, types). Pass 2 looks up each component
+table's ``type`` in the registry (exact names) and validates its options with the component's
+attrs config class. Every error is a :class:`~mllmkit.errors.RecipeError` with file and key path.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import attrs
+
+from mllmkit.errors import RecipeError, UserError
+from mllmkit.recipe.load import apply_overrides, read_recipe_data
+from mllmkit.recipe.schema import ChatSection, DataSection, RecipeSchema, TrainSection
+from mllmkit.recipe.structure import structure, unstructure
+from mllmkit.registry import ComponentSpec, Registry
+
+__all__ = ["Component", "Recipe", "load_recipe"]
+
+
+@attrs.frozen
+class Component:
+    """A validated component: kind, registered name, recipe key path, config object and spec."""
+
+    kind: str
+    type: str
+    key: str
+    config: Any
+    spec: ComponentSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **unstructure(self.config)}
+
+
+@attrs.frozen
+class Recipe:
+    """A fully validated recipe."""
+
+    path: pathlib.Path | None
+    dir: pathlib.Path
+    vision: Component
+    bridges: list[Component]
+    llm: Component
+    train_data: list[Component]
+    eval_data: list[Component]
+    parallel: Component
+    data: DataSection
+    train: TrainSection
+    chat: ChatSection
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe, defaults filled in (what ``mllmkit print-config`` prints)."""
+        data = unstructure(self.data)
+        data["train"] = [c.to_dict() for c in self.train_data]
+        data["eval"] = [c.to_dict() for c in self.eval_data]
+        return {
+            "model": {"vision": self.vision.to_dict(), "bridges": [b.to_dict() for b in self.bridges],
+                      "llm": self.llm.to_dict()},
+            "data": data,
+            "train": unstructure(self.train),
+            "parallel": self.parallel.to_dict(),
+            "chat": unstructure(self.chat),
+        }
+
+
+def load_recipe(source: str | pathlib.Path | Mapping[str, Any], overrides: Iterable[str] = (),
+                registry: Registry | None = None, base_dir: str | pathlib.Path | None = None) -> Recipe:
+    """Read (a path) or take (a dict) a recipe, apply ``--set`` overrides, validate both passes."""
+    if registry is None:
+        from mllmkit.plugins import get_plugin_host
+
+        registry = get_plugin_host().registry
+    if isinstance(source, Mapping):
+        path, data = None, dict(source)
+        folder = pathlib.Path(base_dir or pathlib.Path.cwd()).resolve()
+    else:
+        path = pathlib.Path(source).resolve()
+        folder = path.parent
+        try:
+            data = read_recipe_data(path)
+        except RecipeError as exc:
+            raise exc.with_file(str(path)) from None
+    try:
+        data = apply_overrides(data, overrides)
+        return _resolve(data, path, folder, registry)
+    except RecipeError as exc:
+        raise exc.with_file(str(path) if path else "<recipe>") from None
+
+
+def _component(kind: str, table: Any, key: str, folder: pathlib.Path, registry: Registry) -> Component:
+    if not isinstance(table, Mapping):
+        raise RecipeError(key, f"expected a table with a 'type' key, found {table!r}")
+    if "type" not in table:
+        raise RecipeError(f"{key}.type", f"required: name the {kind} component; available: "
+                          f"{', '.join(registry.names(kind)) or '(none)'}")
+    name = table["type"]
+    if not isinstance(name, str):
+        raise RecipeError(f"{key}.type", f"expected a string, found {name!r}")
+    try:
+        spec = registry.get(kind, str(name))
+    except UserError as exc:
+        raise RecipeError(f"{key}.type", str(exc)) from None
+    options = {k: v for k, v in table.items() if k != "type"}
+    config = structure(spec.config, options, key, folder)
+    return Component(kind=kind, type=str(name), key=key, config=config, spec=spec)
+
+
+def _components(kind: str, tables: Any, key: str, folder: pathlib.Path, registry: Registry) -> list[Component]:
+    if not isinstance(tables, list):
+        raise RecipeError(key, f"expected an array of tables ([[{key}]]), found {tables!r}")
+    return [_component(kind, t, f"{key}[{i}]", folder, registry) for i, t in enumerate(tables)]
+
+
+def _resolve(data: dict[str, Any], path: pathlib.Path | None, folder: pathlib.Path, registry: Registry) -> Recipe:
+    if "model" not in data:
+        raise RecipeError("model", "required: a recipe needs [model.vision], [[model.bridges]] and [model.llm]")
+    schema: RecipeSchema = structure(RecipeSchema, data, "", folder)  # pass 1
+    model = schema.model
+    return Recipe(  # pass 2
+        path=path,
+        dir=folder,
+        vision=_component("vision", model.vision, "model.vision", folder, registry),
+        bridges=_components("bridge", model.bridges, "model.bridges", folder, registry),
+        llm=_component("llm", model.llm, "model.llm", folder, registry),
+        train_data=_components("dataset", schema.data.train, "data.train", folder, registry),
+        eval_data=_components("dataset", schema.data.eval, "data.eval", folder, registry),
+        parallel=_component("parallel", schema.parallel, "parallel", folder, registry),
+        data=schema.data,
+        train=schema.train,
+        chat=schema.chat,
+    )

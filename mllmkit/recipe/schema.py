@@ -1,0 +1,110 @@
+"""The recipe's own schema (validation pass 1): sections, their keys, and component tables.
+
+A component table is ``type = "<name>"`` plus that component's options; pass 2
+(:mod:`mllmkit.recipe.resolve`) validates the options against the component's config class.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+import attrs
+
+from mllmkit.config import between, non_negative, positive
+
+__all__ = ["ComponentTable", "ModelSection", "DataSection", "TrainSection", "ChatSection", "RecipeSchema"]
+
+
+@attrs.frozen
+class ComponentTable:
+    """A component reference before pass 2: its type name and raw options."""
+
+    type: str
+    options: dict[str, Any]
+    key: str
+
+
+@attrs.frozen(kw_only=True)
+class ModelSection:
+    vision: Any
+    bridges: list[Any] = attrs.Factory(list)
+    llm: Any
+
+
+@attrs.frozen(kw_only=True)
+class DataSection:
+    train: list[Any] = attrs.Factory(list)
+    eval: list[Any] = attrs.Factory(list)
+    on_error: Literal["skip", "fail"] = "skip"
+    """What to do with a record or image that cannot be used: skip it (counted and reported) or stop."""
+    num_workers: int = attrs.field(default=0, validator=non_negative)
+    group_by_length: bool = False
+    """Batch samples of similar length together (less padding)."""
+
+
+@attrs.frozen(kw_only=True)
+class TrainSection:
+    output_dir: pathlib.Path | None = None
+    """Run folder; unset = ./runs/<recipe name> under the current directory."""
+    seed: int = 42
+    epochs: int = attrs.field(default=1, validator=positive)
+    max_steps: int | None = attrs.field(default=None, validator=positive)
+    """Stop after this many optimizer steps (overrides epochs when set)."""
+    lr: float = attrs.field(default=1e-4, validator=positive)
+    min_lr: float = attrs.field(default=0.0, validator=non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=non_negative)
+    """Linear warmup length, counted in optimizer steps."""
+    warmup_lr: float = attrs.field(default=0.0, validator=non_negative)
+    weight_decay: float = attrs.field(default=0.05, validator=non_negative)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = attrs.field(default=1e-8, validator=positive)
+    grad_clip: float = attrs.field(default=1.0, validator=non_negative)
+    """Clip the global gradient norm to this (0 = off); correct under fp16 loss scaling."""
+    micro_batch_size: int = attrs.field(default=1, validator=positive)
+    grad_accum: int = attrs.field(default=1, validator=positive)
+    max_text_len: int = attrs.field(default=256, validator=positive)
+    loss_reduction: Literal["token", "sample"] = "token"
+    """token: mean over every labelled token of the optimizer step; sample: the seed's per-micro-batch mean."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Autocast precision for the forward pass (fp32 turns autocast off)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = attrs.field(default=10, validator=positive)
+    eval_every: int | None = attrs.field(default=None, validator=positive)
+    save_every: int | None = attrs.field(default=None, validator=positive)
+    keep_last: int = attrs.field(default=2, validator=positive)
+    gradient_checkpointing: bool = False
+    """Activation checkpointing in the LLM (saves memory, costs a recompute)."""
+    eval_max_new_tokens: int = attrs.field(default=16, validator=positive)
+    tensorboard: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class ChatSection:
+    system: str | None = None
+    """System prompt; unset uses the LLM template's default."""
+    max_new_tokens: int = attrs.field(default=512, validator=positive)
+    do_sample: bool = False
+    temperature: float = attrs.field(default=1.0, validator=positive)
+    top_k: int = attrs.field(default=0, validator=non_negative)
+    top_p: float = attrs.field(default=1.0, validator=between(0.0, 1.0))
+    repetition_penalty: float = attrs.field(default=1.0, validator=positive)
+    num_beams: int = attrs.field(default=1, validator=positive)
+    seed: int | None = 42
+    max_window_tokens: int = attrs.field(default=6144, validator=positive)
+    """History window, image tokens included."""
+    checkpoint: pathlib.Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+
+
+@attrs.frozen(kw_only=True)
+class RecipeSchema:
+    """The top level of a recipe file (after ``extends`` merging)."""
+
+    model: ModelSection
+    data: DataSection = attrs.Factory(DataSection)
+    train: TrainSection = attrs.Factory(TrainSection)
+    parallel: Any = attrs.Factory(lambda: {"type": "single"})
+    chat: ChatSection = attrs.Factory(ChatSection)
+    extends: Any = None
