@@ -26,7 +26,8 @@ class RecipeError(UserError):
 
     def _render(self) -> str:
         where = f"{self.file}: " if self.file else ""
-        return f"{where}{self.key}: {self.detail}"
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{key}{self.detail}"
 
 
 class DataError(UserError):

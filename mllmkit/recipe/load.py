@@ -47,12 +47,12 @@ def _tag(data: Any, base_dir: pathlib.Path) -> Any:
 
 def _read_toml(path: pathlib.Path) -> dict[str, Any]:
     if not path.is_file():
-        raise RecipeError("(file)", f"recipe file not found: {path}")
+        raise RecipeError("", f"recipe file not found: {path}")
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError("(syntax)", f"not valid TOML: {exc}", file=str(path)) from None
+        raise RecipeError("", f"not valid TOML: {exc}", file=str(path)) from None
     return _tag(data, path.parent.resolve())
 
 

@@ -1,0 +1,136 @@
+"""The ``mllmkit`` command: run | check | print-config | plugins | chat | webui | convert | new-plugin.
+
+Every command goes through the public API only. A user error (bad recipe, missing file) prints one
+message without a traceback and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from mllmkit.errors import UserError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set train.lr=2e-4 (repeatable)")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from mllmkit import check_wiring, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    wiring = check_wiring(recipe)
+    chain = [f"{recipe.vision.type} ({wiring.vision.out_dim}d × {wiring.vision.out_tokens} tokens)"]
+    for bridge, dims in zip(recipe.bridges, wiring.bridges):
+        tokens = f" × {dims.out_tokens} tokens" if dims.out_tokens else ""
+        chain.append(f"{bridge.type} ({dims.out_dim}d{tokens})")
+    chain.append(f"{recipe.llm.type} (hidden {wiring.llm.out_dim})")
+    print(f"ok: {recipe.path}")
+    print("  model:    " + " → ".join(chain))
+    print("  data:     " + (", ".join(d.type for d in recipe.train_data) or "(no training data)"))
+    print(f"  parallel: {recipe.parallel.type}")
+    return 0
+
+
+def _cmd_print_config(args: argparse.Namespace) -> int:
+    import tomli_w
+
+    from mllmkit import load_recipe
+
+    sys.stdout.write(tomli_w.dumps(load_recipe(args.recipe, args.overrides).to_dict()))
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from mllmkit.plugins import get_plugin_host
+    from mllmkit.registry import KINDS
+
+    host = get_plugin_host()
+    for info in host.plugins:
+        print(f"{info.name}  ({info.distribution} {info.version})")
+        for kind in KINDS:
+            specs = [s for s in host.registry.specs(kind) if s.distribution == info.distribution]
+            for spec in specs:
+                print(f"    {kind:<9} {spec.name:<28} {spec.description}")
+    for broken in host.broken:
+        print(f"{broken.name}  ({broken.distribution})  FAILED TO LOAD: {broken.error}")
+    return 1 if host.broken else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mllmkit.train.launch import run_command
+
+    return run_command(args.recipe, args.overrides, resume=args.resume, nproc_per_node=args.nproc_per_node,
+                       output_dir=args.output_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mllmkit import __version__
+
+    parser = argparse.ArgumentParser(prog="mllmkit", description="Assemble, train and chat with multimodal LLMs.")
+    parser.add_argument("--version", action="version", version=f"mllmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="train (or evaluate) as the recipe says")
+    _add_recipe_args(run)
+    run.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint (auto: the latest in the run folder)")
+    run.add_argument("--nproc-per-node", type=int, metavar="N", help="launch N processes with torchrun")
+    run.add_argument("--output-dir", metavar="DIR", help="run folder (default: train.output_dir)")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check", help="validate a recipe and its wiring without reading weights")
+    _add_recipe_args(check)
+    check.set_defaults(func=_cmd_check)
+
+    show = sub.add_parser("print-config", help="print the resolved recipe with every default")
+    _add_recipe_args(show)
+    show.set_defaults(func=_cmd_print_config)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins and the components they register")
+    plugins.set_defaults(func=_cmd_plugins)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Commands defined beside the code they drive (chat, webui, convert, new-plugin)."""
+    import importlib
+
+    found = []
+    for module_name in ("mllmkit.chat.commands", "mllmkit.convert", "mllmkit.scaffold"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        found.append(module.register_command)
+    return found
+
+
+_EXTRA_COMMANDS = _extra_commands()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"mllmkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mllmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

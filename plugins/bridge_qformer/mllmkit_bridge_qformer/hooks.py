@@ -1,0 +1,13 @@
+"""Hook implementations of the ``bridge_qformer`` plugin: registers ``qformer`` and ``qformer_tiny``."""
+
+from __future__ import annotations
+
+from mllmkit.hookspecs import hookimpl
+from mllmkit.registry import ComponentSpec
+
+
+@hookimpl
+def mllmkit_register_bridges() -> list[ComponentSpec]:
+    from mllmkit_bridge_qformer.component import SPECS
+
+    return SPECS
