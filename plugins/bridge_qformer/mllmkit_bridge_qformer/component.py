@@ -1,0 +1,99 @@
+"""The ``qformer`` and ``qformer_tiny`` components: options, declared widths, and the builder.
+
+``qformer`` is BLIP-2's Q-Former at bert-base size (768 wide, 12 layers, 32 queries);
+``qformer_tiny`` the same code at toy size (64 wide, 2 layers, 4 heads, FFN 128, 8 queries).
+``vision_width`` is taken from the vision encoder when left out; an explicit value is declared as
+``in_dim`` so ``mllmkit check`` rejects a mismatch before anything is built. With ``weights`` the
+module is built on the meta device and a LAVIS checkpoint is streamed into it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import attrs
+
+from mllmkit.config import Precision, config, positive, torch_dtype
+from mllmkit.errors import RecipeError
+from mllmkit.interfaces import BuildContext, PartDims
+from mllmkit.registry import ComponentSpec
+
+from mllmkit_bridge_qformer.lavis_weights import load_lavis_qformer
+from mllmkit_bridge_qformer.model import QFORMER_BASE, QFORMER_TINY, QFormerBridge, QFormerShape, build_qformer
+
+__all__ = ["QFormerConfig", "QFormerTinyConfig", "SPECS"]
+
+
+@config
+class QFormerConfig:
+    num_query_tokens: int = attrs.field(default=32, validator=positive)
+    cross_attention_freq: int = attrs.field(default=2, validator=positive)
+    """Cross-attention to the image tokens in layers 0, f, 2f, …"""
+    num_layers: int = attrs.field(default=12, validator=positive)
+    vision_width: int | None = attrs.field(default=None, validator=positive)
+    """Width of the vision tokens; unset = the vision encoder's output width."""
+    weights: pathlib.Path | None = None
+    """A LAVIS BLIP-2 checkpoint ({"model": state_dict}), e.g. blip2_pretrained_flant5xxl.pth."""
+    trainable: bool = False
+    precision: Precision = "fp32"
+    """dtype of the Q-Former and its queries; ln_vision always computes in fp32."""
+
+
+@config
+class QFormerTinyConfig:
+    num_query_tokens: int = attrs.field(default=8, validator=positive)
+    cross_attention_freq: int = attrs.field(default=2, validator=positive)
+    num_layers: int = attrs.field(default=2, validator=positive)
+    vision_width: int | None = attrs.field(default=None, validator=positive)
+    weights: pathlib.Path | None = None
+    trainable: bool = False
+    precision: Precision = "fp32"
+
+
+AnyQFormerConfig = QFormerConfig | QFormerTinyConfig
+
+
+def _dims(shape: QFormerShape):
+    def dims(cfg: AnyQFormerConfig, ctx: BuildContext) -> PartDims:
+        return PartDims(in_dim=cfg.vision_width, out_dim=shape.hidden, out_tokens=cfg.num_query_tokens)
+    return dims
+
+
+def _vision_width(cfg: AnyQFormerConfig, ctx: BuildContext) -> int:
+    if cfg.vision_width is None and ctx.in_dim is None:
+        raise RecipeError(f"{ctx.key}.vision_width", "cannot be inferred (no vision encoder width was given to "
+                                                     "this bridge); set vision_width")
+    if cfg.vision_width is not None and ctx.in_dim is not None and cfg.vision_width != ctx.in_dim:
+        raise RecipeError(f"{ctx.key}.vision_width", f"expected {ctx.in_dim} (the width of the previous part), "
+                                                     f"found {cfg.vision_width}; set it to {ctx.in_dim} or leave it out")
+    return cfg.vision_width or ctx.in_dim
+
+
+def _builder(shape: QFormerShape):
+    def build(cfg: AnyQFormerConfig, ctx: BuildContext) -> QFormerBridge:
+        dtype = torch_dtype(cfg.precision)
+        module = build_qformer(
+            vision_width=_vision_width(cfg, ctx), hidden=shape.hidden, num_layers=cfg.num_layers,
+            num_heads=shape.num_heads, ffn=shape.ffn, num_query_tokens=cfg.num_query_tokens,
+            cross_attention_freq=cfg.cross_attention_freq, layer_norm_eps=shape.layer_norm_eps,
+            device="meta" if cfg.weights is not None else None,
+        )
+        if cfg.weights is not None:
+            load_lavis_qformer(module, cfg.weights, dtype=dtype)
+        else:
+            module.to(dtype)
+            module.ln_vision.float()
+        module.requires_grad_(cfg.trainable)
+        module.train(cfg.trainable)
+        return module
+    return build
+
+
+SPECS = [
+    ComponentSpec("qformer", QFormerConfig, _builder(QFORMER_BASE),
+                  "BLIP-2 Q-Former (bert-base, 32 queries) with ln_vision; loads LAVIS checkpoints",
+                  dims=_dims(QFORMER_BASE)),
+    ComponentSpec("qformer_tiny", QFormerTinyConfig, _builder(QFORMER_TINY),
+                  "toy-size BLIP-2 Q-Former (64 wide, 2 layers, 8 queries) for tests and the CPU demo",
+                  dims=_dims(QFORMER_TINY)),
+]
