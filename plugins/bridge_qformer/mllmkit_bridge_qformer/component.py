@@ -55,17 +55,24 @@ AnyQFormerConfig = QFormerConfig | QFormerTinyConfig
 
 def _dims(shape: QFormerShape):
     def dims(cfg: AnyQFormerConfig, ctx: BuildContext) -> PartDims:
+        _check_width(cfg, ctx)
         return PartDims(in_dim=cfg.vision_width, out_dim=shape.hidden, out_tokens=cfg.num_query_tokens)
     return dims
 
 
+def _check_width(cfg: AnyQFormerConfig, ctx: BuildContext) -> None:
+    """An explicit ``vision_width`` must equal the previous part's width (when known)."""
+    if cfg.vision_width is not None and ctx.in_dim is not None and cfg.vision_width != ctx.in_dim:
+        raise RecipeError(f"{ctx.key}.vision_width",
+                          f"expected {ctx.in_dim} (the output width of the part before this bridge), found "
+                          f"{cfg.vision_width}; set vision_width = {ctx.in_dim} or leave it out to infer it")
+
+
 def _vision_width(cfg: AnyQFormerConfig, ctx: BuildContext) -> int:
+    _check_width(cfg, ctx)
     if cfg.vision_width is None and ctx.in_dim is None:
         raise RecipeError(f"{ctx.key}.vision_width", "cannot be inferred (no vision encoder width was given to "
                                                      "this bridge); set vision_width")
-    if cfg.vision_width is not None and ctx.in_dim is not None and cfg.vision_width != ctx.in_dim:
-        raise RecipeError(f"{ctx.key}.vision_width", f"expected {ctx.in_dim} (the width of the previous part), "
-                                                     f"found {cfg.vision_width}; set it to {ctx.in_dim} or leave it out")
     return cfg.vision_width or ctx.in_dim
 
 
