@@ -1,0 +1,12 @@
+"""EVA ViT-g exactly as BLIP-2 / MiniGPT-4 / MiniGPT4Qwen use it, plus LAVIS's ``eva_vit_g.pth`` loader.
+
+Components: ``eva_vit_g`` (224 px, patch 14, width 1408, 39 of EVA-CLIP-g's 40 blocks: the output is
+the penultimate block's 257 tokens, no final norm) and ``eva_tiny`` (same builder, toy size).
+"""
+
+from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, EvaArch, EvaVisionEncoder, build_eva
+from mllmkit_vision_eva.loading import eva_key_map, interpolate_pos_embed, load_eva_weights
+from mllmkit_vision_eva.transforms import CLIP_MEAN, CLIP_STD, blip2_image_transform
+
+__all__ = ["EvaArch", "EVA_VIT_G", "EVA_TINY", "EvaVisionEncoder", "build_eva", "eva_key_map",
+           "interpolate_pos_embed", "load_eva_weights", "CLIP_MEAN", "CLIP_STD", "blip2_image_transform"]

@@ -1,0 +1,99 @@
+"""Component specs ``eva_vit_g`` and ``eva_tiny``: options, builders and declared widths.
+
+Options (recipe table ``[model.vision]``): ``weights`` (LAVIS ``eva_vit_g.pth``; without it random
+init, logged), ``image_size`` (position embedding interpolated from the file's grid),
+``num_blocks`` (blocks built = feature layer; BLIP-2 uses 39 of 40), ``precision`` (weights in
+fp16/bf16/fp32, LayerNorms fp32), ``grad_checkpointing``, ``trainable`` (default false: frozen, eval
+mode) and ``hflip`` (random horizontal flip in the train transform, default false).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import attrs
+import torch
+
+from mllmkit.config import ConfigValueError, Precision, config, positive, torch_dtype
+from mllmkit.interfaces import BuildContext, PartDims
+from mllmkit.registry import ComponentSpec
+
+from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, EvaArch, EvaVisionEncoder, build_eva
+
+__all__ = ["EvaViTGConfig", "EvaTinyConfig", "build_preset", "dims_of", "SPECS"]
+
+logger = logging.getLogger(__name__)
+
+
+def _multiple_of_patch(patch: int):
+    def check(instance, attribute: attrs.Attribute, value: int) -> None:
+        if value % patch:
+            raise ConfigValueError(attribute.name, f"expected a multiple of the patch size {patch}, found {value}")
+    return check
+
+
+@config
+class EvaViTGConfig:
+    """Options of ``eva_vit_g`` (BLIP-2's EVA ViT-g/14)."""
+
+    weights: pathlib.Path | None = None
+    image_size: int = attrs.field(default=EVA_VIT_G.image_size,
+                                  validator=[positive, _multiple_of_patch(EVA_VIT_G.patch_size)])
+    num_blocks: int = attrs.field(default=EVA_VIT_G.num_blocks, validator=positive)
+    precision: Precision = "fp16"
+    grad_checkpointing: bool = False
+    trainable: bool = False
+    hflip: bool = False
+
+
+@config
+class EvaTinyConfig:
+    """Options of ``eva_tiny`` (toy size, same code)."""
+
+    weights: pathlib.Path | None = None
+    image_size: int = attrs.field(default=EVA_TINY.image_size,
+                                  validator=[positive, _multiple_of_patch(EVA_TINY.patch_size)])
+    num_blocks: int = attrs.field(default=EVA_TINY.num_blocks, validator=positive)
+    precision: Precision = "fp32"
+    grad_checkpointing: bool = False
+    trainable: bool = False
+    hflip: bool = False
+
+
+def dims_of(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig) -> PartDims:
+    return PartDims(out_dim=arch.width, out_tokens=(cfg.image_size // arch.patch_size) ** 2 + 1)
+
+
+def build_preset(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig, ctx: BuildContext) -> EvaVisionEncoder:
+    """Build ``arch`` with ``cfg``: on the meta device and streamed from ``cfg.weights``, or random."""
+    from mllmkit_vision_eva.loading import load_eva_weights
+
+    dtype = torch_dtype(cfg.precision)
+    kwargs = dict(image_size=cfg.image_size, patch_size=arch.patch_size, width=arch.width, depth=cfg.num_blocks,
+                  num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, precision=dtype,
+                  grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip)
+    if cfg.weights is None:
+        logger.warning("%s: no weights given: EVA encoder (%d blocks, width %d) is randomly initialised",
+                       ctx.key, cfg.num_blocks, arch.width)
+        encoder = build_eva(**kwargs, device="cpu")
+    else:
+        encoder = build_eva(**kwargs, device="meta")
+        load_eva_weights(encoder, cfg.weights, dtype=dtype, key=ctx.key)
+    return encoder.set_trainable(cfg.trainable)
+
+
+def _preset(arch: EvaArch):
+    return (lambda cfg, ctx: build_preset(arch, cfg, ctx)), (lambda cfg, ctx: dims_of(arch, cfg))
+
+
+_build_g, _dims_g = _preset(EVA_VIT_G)
+_build_tiny, _dims_tiny = _preset(EVA_TINY)
+
+SPECS = [
+    ComponentSpec("eva_vit_g", EvaViTGConfig, _build_g,
+                  "EVA ViT-g/14 as BLIP-2 uses it (39 blocks, 257 tokens of 1408, LAVIS eva_vit_g.pth)",
+                  dims=_dims_g),
+    ComponentSpec("eva_tiny", EvaTinyConfig, _build_tiny,
+                  "toy EVA ViT (56 px, patch 14, width 64, 2 blocks) for tests and CPU demos", dims=_dims_tiny),
+]

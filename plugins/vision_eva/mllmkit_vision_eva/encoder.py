@@ -1,0 +1,167 @@
+"""The EVA ViT encoder module (timm's ``Eva`` blocks) and its builder ``build_eva``; presets as data.
+
+The BLIP-2 variant of EVA ViT-g is timm's ``Eva`` with absolute position embedding, no rotary
+embedding, fused qkv weight with separate ``q_bias``/``v_bias`` (timm keeps a zero ``k_bias`` as a
+non-persistent buffer), no layer-scale, GELU MLP, pre-norm LayerNorm (eps 1e-6) and **no final
+norm**: :class:`EvaVisionEncoder` runs patch embedding, class token, position embedding and the
+blocks itself and returns all tokens of the last built block. BLIP-2 builds 39 of EVA-CLIP-g's 40
+blocks, so that is the penultimate block of the released network.
+
+Precision follows LAVIS's ``vit_precision``: every weight, bias and buffer in fp16/bf16 except the
+LayerNorms, which keep fp32 parameters and compute in fp32 (timm's ``LayerNormFp32``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import attrs
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["EvaArch", "EVA_VIT_G", "EVA_TINY", "EvaVisionEncoder", "build_eva", "apply_precision",
+           "init_nonpersistent_buffers"]
+
+
+@attrs.frozen(kw_only=True)
+class EvaArch:
+    """An EVA architecture: the released network (``depth`` blocks) and how many BLIP-2 builds."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    """Blocks in the released checkpoint (EVA-CLIP-g: 40)."""
+    num_heads: int
+    mlp_dim: int
+    num_blocks: int
+    """Blocks built by default (BLIP-2: 39, the output is the penultimate block's)."""
+
+
+EVA_VIT_G = EvaArch(image_size=224, patch_size=14, width=1408, depth=40, num_heads=16, mlp_dim=6144,
+                    num_blocks=39)
+"""EVA-CLIP-g as LAVIS's ``create_eva_vit_g`` builds it (mlp_ratio 4.3637 → 6144)."""
+
+EVA_TINY = EvaArch(image_size=56, patch_size=14, width=64, depth=3, num_heads=4, mlp_dim=256, num_blocks=2)
+"""Toy size for tests and CPU demos: 4×4 patches + CLS = 17 tokens of width 64, 2 of 3 blocks."""
+
+
+def _layer_norm() -> Callable[..., nn.Module]:
+    from timm.layers import LayerNormFp32
+
+    return functools.partial(LayerNormFp32, eps=1e-6)
+
+
+class EvaVisionEncoder(nn.Module):
+    """EVA ViT: ``forward(pixels [B,3,H,W]) -> [B, num_tokens, out_dim]`` (all tokens incl. CLS).
+
+    ``vit`` is a timm ``Eva`` without head, pooling or final norm; its state-dict keys are LAVIS's
+    with the prefix ``vit.``. Frozen (``trainable=False``, the default) means no parameter requires
+    grad and the module stays in eval mode whatever ``train()`` is asked.
+    """
+
+    def __init__(self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
+                 mlp_dim: int, grad_checkpointing: bool = False, hflip: bool = False) -> None:
+        super().__init__()
+        from timm.models.eva import Eva
+
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        # int(width * ratio) must give mlp_dim exactly; the +0.5 guards against float rounding down.
+        mlp_ratio = (mlp_dim + 0.5) / width
+        self.vit = Eva(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
+                       num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, qkv_fused=True,
+                       num_classes=0, global_pool="", use_abs_pos_emb=True, use_rot_pos_emb=False,
+                       init_values=None, norm_layer=_layer_norm(), use_fc_norm=False,
+                       use_post_transformer_norm=False)
+        # No final norm, pooling or head in BLIP-2's encoder; make sure none holds parameters.
+        self.vit.norm, self.vit.fc_norm, self.vit.head = nn.Identity(), nn.Identity(), nn.Identity()
+        fc1 = self.vit.blocks[0].mlp.fc1
+        if fc1.out_features != mlp_dim:  # pragma: no cover - guards the ratio trick above
+            raise AssertionError(f"MLP hidden {fc1.out_features} != {mlp_dim}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.out_dim = width
+        self.num_tokens = (image_size // patch_size) ** 2 + 1
+        self.grad_checkpointing = grad_checkpointing
+        self.hflip = hflip
+        self.trainable = True
+
+    # -- VisionEncoder interface --
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed(pixels.to(vit.patch_embed.proj.weight.dtype))
+        cls = vit.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1) + vit.pos_embed.to(x.dtype)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in vit.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+        return x
+
+    def image_transform(self, train: bool) -> Callable[[Any], torch.Tensor]:
+        from mllmkit_vision_eva.transforms import blip2_image_transform
+
+        return blip2_image_transform(self.image_size, train=train, hflip=self.hflip)
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self.vit.blocks)
+
+    # -- freezing --
+    def set_trainable(self, trainable: bool) -> "EvaVisionEncoder":
+        self.trainable = trainable
+        for param in self.parameters():
+            param.requires_grad_(trainable)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "EvaVisionEncoder":
+        return super().train(mode and self.trainable)
+
+
+def apply_precision(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and buffer to ``dtype``, LayerNorms excepted (they stay fp32).
+
+    Buffers are cast too: timm's non-persistent ``k_bias`` left in fp32 would break the fused qkv
+    ``F.linear`` under bf16 (ENVIRONMENT.md item 3l). Works on the meta device.
+    """
+    for sub in module.modules():
+        target = torch.float32 if isinstance(sub, nn.LayerNorm) else dtype
+        for name, param in sub.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != target:
+                setattr(sub, name, nn.Parameter(param.detach().to(target), requires_grad=param.requires_grad))
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and buf.dtype != target:
+                persistent = name not in sub._non_persistent_buffers_set
+                sub.register_buffer(name, buf.to(target), persistent=persistent)
+
+
+def init_nonpersistent_buffers(module: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Give buffers left on the meta device real storage, keeping their dtype and persistence.
+
+    The only ones in EVA are the attention ``k_bias`` buffers, which are zero by definition (EVA has
+    no key bias), so zeros are the correct values, not a placeholder.
+    """
+    for sub in module.modules():
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                if name != "k_bias":
+                    raise RuntimeError(f"buffer {name} of {type(sub).__name__} has no known value after meta init")
+                persistent = name not in sub._non_persistent_buffers_set
+                sub.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype, device=device),
+                                    persistent=persistent)
+
+
+def build_eva(*, image_size: int, patch_size: int, width: int, depth: int, num_heads: int, mlp_dim: int,
+              precision: torch.dtype = torch.float32, grad_checkpointing: bool = False, hflip: bool = False,
+              trainable: bool = False, device: torch.device | str | None = None) -> EvaVisionEncoder:
+    """Build an EVA encoder of ``depth`` blocks. ``device="meta"`` builds without memory (for loading).
+
+    With a real device the weights get timm's EVA initialisation (trunc-normal, zero biases).
+    """
+    with torch.device(device or "cpu"):
+        encoder = EvaVisionEncoder(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+                                   num_heads=num_heads, mlp_dim=mlp_dim, grad_checkpointing=grad_checkpointing,
+                                   hflip=hflip)
+    apply_precision(encoder, precision)
+    return encoder.set_trainable(trainable)

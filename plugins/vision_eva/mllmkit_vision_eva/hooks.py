@@ -1,0 +1,13 @@
+"""Hook implementations of the vision_eva plugin: registers ``eva_vit_g`` and ``eva_tiny``."""
+
+from __future__ import annotations
+
+from mllmkit.hookspecs import hookimpl
+from mllmkit.registry import ComponentSpec
+
+
+@hookimpl
+def mllmkit_register_vision_encoders() -> list[ComponentSpec]:
+    from mllmkit_vision_eva.components import SPECS
+
+    return SPECS
