@@ -139,6 +139,7 @@ def load_into(module: nn.Module, shards: Iterable[list[tuple[str, torch.Tensor]]
     expected = dict(module.state_dict(keep_vars=True))
     report = LoadReport()
     unexpected: list[str] = []
+    seen: set[str] = set()  # targets the checkpoint supplies, even if loading stops at an unexpected key
     for shard in shards:
         batch: dict[str, torch.Tensor] = {}
         for key, tensor in shard:
@@ -152,6 +153,7 @@ def load_into(module: nn.Module, shards: Iterable[list[tuple[str, torch.Tensor]]
                 if target not in expected:
                     unexpected.append(f"{key} (as {target})")
                     continue
+                seen.add(target)
                 want = expected[target]
                 if tuple(value.shape) != tuple(want.shape):
                     raise WeightsError(f"{source}: {key} has shape {list(value.shape)}, the model expects "
@@ -164,7 +166,7 @@ def load_into(module: nn.Module, shards: Iterable[list[tuple[str, torch.Tensor]]
             break
         module.load_state_dict(batch, strict=False, assign=True)
         report.loaded.extend(batch)
-    missing = [k for k in expected if k not in set(report.loaded)
+    missing = [k for k in expected if k not in seen
                and not any(re.fullmatch(p, k) for p in allow_missing) and not _is_buffer(module, k)]
     if strict and (missing or unexpected):
         parts = []
