@@ -7,10 +7,24 @@ LAVIS checkpoints such as ``blip2_pretrained_flant5xxl.pth`` (``{"model": state_
 from mllmkit_bridge_qformer.component import SPECS, QFormerConfig, QFormerTinyConfig
 from mllmkit_bridge_qformer.lavis_weights import LAVIS_QFORMER_KEYS, load_lavis_qformer
 from mllmkit_bridge_qformer.model import (
-    QFORMER_BASE, QFORMER_TINY, FP32LayerNorm, QFormerBridge, QFormerShape, build_qformer,
+    QFORMER_BASE,
+    QFORMER_TINY,
+    FP32LayerNorm,
+    QFormerBridge,
+    QFormerShape,
+    build_qformer,
 )
 
 __all__ = [
-    "SPECS", "QFormerConfig", "QFormerTinyConfig", "LAVIS_QFORMER_KEYS", "load_lavis_qformer",
-    "QFORMER_BASE", "QFORMER_TINY", "FP32LayerNorm", "QFormerBridge", "QFormerShape", "build_qformer",
+    "LAVIS_QFORMER_KEYS",
+    "QFORMER_BASE",
+    "QFORMER_TINY",
+    "SPECS",
+    "FP32LayerNorm",
+    "QFormerBridge",
+    "QFormerConfig",
+    "QFormerShape",
+    "QFormerTinyConfig",
+    "build_qformer",
+    "load_lavis_qformer",
 ]

@@ -17,11 +17,16 @@ from mllmkit.config import Precision, config, positive, torch_dtype
 from mllmkit.errors import RecipeError
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
-
 from mllmkit_bridge_qformer.lavis_weights import load_lavis_qformer
-from mllmkit_bridge_qformer.model import QFORMER_BASE, QFORMER_TINY, QFormerBridge, QFormerShape, build_qformer
+from mllmkit_bridge_qformer.model import (
+    QFORMER_BASE,
+    QFORMER_TINY,
+    QFormerBridge,
+    QFormerShape,
+    build_qformer,
+)
 
-__all__ = ["QFormerConfig", "QFormerTinyConfig", "SPECS"]
+__all__ = ["SPECS", "QFormerConfig", "QFormerTinyConfig"]
 
 
 @config

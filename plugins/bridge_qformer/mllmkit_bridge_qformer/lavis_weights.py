@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from mllmkit.weights import KeyMap, LoadReport, checkpoint_files, iter_tensors, load_into
-
 from mllmkit_bridge_qformer.model import QUERY_INIT_STD, QFormerBridge
 
 __all__ = ["LAVIS_QFORMER_KEYS", "LAVIS_SKIPPED", "LAVIS_SUBKEY", "load_lavis_qformer"]

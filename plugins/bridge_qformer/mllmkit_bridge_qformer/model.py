@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-__all__ = ["QFormerShape", "QFORMER_BASE", "QFORMER_TINY", "FP32LayerNorm", "QFormerBridge", "build_qformer"]
+__all__ = ["QFORMER_BASE", "QFORMER_TINY", "FP32LayerNorm", "QFormerBridge", "QFormerShape", "build_qformer"]
 
 QUERY_INIT_STD = 0.02
 """LAVIS initialises ``query_tokens`` with normal(0, initializer_range = 0.02)."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mllmkit_bridge_qformer import FP32LayerNorm, QFormerConfig, QFormerTinyConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mllmkit
 from mllmkit.errors import RecipeError
 from mllmkit.interfaces import Bridge, BuildContext, PartDims
 from mllmkit.plugins import build_plugin_host
-from mllmkit_bridge_qformer import FP32LayerNorm, QFormerConfig, QFormerTinyConfig
 
 
 def _spec(name):
