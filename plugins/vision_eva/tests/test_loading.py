@@ -137,3 +137,18 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"cls_token": torch.zeros(1), "x": object()}, path)  # not a plain-tensor pickle
     with pytest.raises(WeightsError, match="refused to load"):
         _build(weights=path)
+
+
+def test_one_block_matches_written_out_computation():
+    torch.manual_seed(0)
+    enc = _build()
+    block = enc.blocks()[0]
+    with torch.no_grad():  # non-trivial LayerNorm affine and q/v biases, so every term matters
+        for name, param in block.named_parameters():
+            param.copy_(torch.randn_like(param) * (0.3 if param.dim() == 1 else 0.1) + ("norm" in name
+                        and name.endswith("weight")))
+    sd = {k: v.detach() for k, v in block.state_dict().items()}
+    assert "attn.k_bias" not in sd  # non-persistent: never read from or written to checkpoints
+    x = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference_block(sd, "", x, heads=4), atol=1e-5, rtol=1e-5)

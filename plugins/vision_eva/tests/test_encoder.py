@@ -1,0 +1,115 @@
+"""Architecture, precision, freezing and grad checkpointing of the EVA encoder; full size on meta."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mllmkit.interfaces import BuildContext, VisionEncoder
+from mllmkit_vision_eva.components import EvaTinyConfig, EvaViTGConfig, build_preset, dims_of
+from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, build_eva
+from mllmkit_vision_eva.loading import eva_key_map
+
+CTX = BuildContext(key="model.vision")
+
+
+def _g_on_meta(num_blocks: int = 39):
+    a = EVA_VIT_G
+    return build_eva(image_size=a.image_size, patch_size=a.patch_size, width=a.width, depth=num_blocks,
+                     num_heads=a.num_heads, mlp_dim=a.mlp_dim, precision=torch.float16, device="meta")
+
+
+def test_full_size_parameter_count_equals_the_manifest(manifest):
+    enc = _g_on_meta()
+    used = [(k, s) for k, s, yes in manifest if yes]
+    want = sum(math.prod(s) for _, s in used)
+    got = sum(p.numel() for p in enc.parameters())
+    assert got == want == 985_894_528  # ≈0.986 B: EVA-CLIP-g without its last block
+    assert enc.num_tokens == 257 and enc.out_dim == 1408 and enc.image_size == 224
+    assert enc.vit.blocks[0].mlp.fc1.out_features == 6144 and enc.vit.blocks[0].attn.num_heads == 16
+
+
+def test_model_keys_are_the_manifest_keys_through_the_key_map(manifest):
+    enc = _g_on_meta()
+    key_map = eva_key_map(num_blocks=39, grid=16)
+    mapped = {}
+    for key, shape, _ in manifest:
+        out = key_map.apply(key, torch.empty(shape, device="meta"))
+        assert out is not None, key
+        mapped.update({target: tuple(t.shape) for target, t in out})
+    model = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert mapped == model
+    assert key_map.apply("blocks.39.mlp.fc2.bias", torch.empty(1408)) == []  # the 40th block: skipped
+    assert key_map.apply("norm.weight", torch.empty(1408)) is None  # not in BLIP-2's encoder: unexpected
+
+
+def test_dims_without_building():
+    assert dims_of(EVA_VIT_G, EvaViTGConfig()).out_dim == 1408
+    assert dims_of(EVA_VIT_G, EvaViTGConfig()).out_tokens == 257
+    assert dims_of(EVA_VIT_G, EvaViTGConfig(image_size=364)).out_tokens == 26 * 26 + 1
+    assert dims_of(EVA_TINY, EvaTinyConfig()).out_tokens == 17
+
+
+def test_fp16_keeps_layernorms_fp32_and_casts_buffers():
+    enc = build_preset(EVA_TINY, EvaTinyConfig(precision="fp16"), CTX)
+    for name, param in enc.named_parameters():
+        want = torch.float32 if ".norm" in name else torch.float16
+        assert param.dtype == want, name
+    assert all(b.dtype == torch.float16 for n, b in enc.named_buffers() if n.endswith("k_bias"))
+    assert isinstance(enc.vit.blocks[0].norm1, nn.LayerNorm) and enc.vit.blocks[0].norm1.eps == 1e-6
+    assert "vit.blocks.0.attn.k_bias" not in enc.state_dict()  # still non-persistent after the cast
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_forward_matches_fp32(tiny_ckpt, precision):
+    ref = build_preset(EVA_TINY, EvaTinyConfig(weights=tiny_ckpt), CTX)
+    enc = build_preset(EVA_TINY, EvaTinyConfig(weights=tiny_ckpt, precision=precision), CTX)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        want = ref(pixels)
+        try:
+            out = enc(pixels)
+        except RuntimeError as exc:  # fp16 matmul may be missing on some CPU builds
+            if precision == "fp16":
+                pytest.skip(f"fp16 forward unsupported on this CPU: {exc}")
+            raise
+    assert out.dtype == dtype and out.shape == (2, 17, 64)
+    rel = (out.float() - want).norm() / want.norm()
+    assert rel < (3e-2 if precision == "bf16" else 5e-3)
+
+
+def test_frozen_by_default_stays_in_eval_mode():
+    enc = build_preset(EVA_TINY, EvaTinyConfig(), CTX)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not any(m.training for m in enc.modules())
+    trainable = build_preset(EVA_TINY, EvaTinyConfig(trainable=True), CTX)
+    trainable.train()
+    assert trainable.training and all(p.requires_grad for p in trainable.parameters())
+
+
+def test_grad_checkpointing_gives_same_output_and_grads():
+    torch.manual_seed(0)
+    plain = build_preset(EVA_TINY, EvaTinyConfig(trainable=True), CTX)
+    ckpt = build_preset(EVA_TINY, EvaTinyConfig(trainable=True, grad_checkpointing=True), CTX)
+    ckpt.load_state_dict(plain.state_dict())
+    pixels = torch.randn(2, 3, 56, 56)
+    calls = []
+    ckpt.vit.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    out_a, out_b = plain(pixels), ckpt(pixels)
+    out_a.square().mean().backward()
+    out_b.square().mean().backward()
+    assert len(calls) == 2  # forward once, recomputed once in backward
+    torch.testing.assert_close(out_a, out_b)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_satisfies_the_vision_encoder_protocol():
+    enc = build_preset(EVA_TINY, EvaTinyConfig(), CTX)
+    assert isinstance(enc, VisionEncoder)
+    assert len(enc.blocks()) == 2 and all(type(b).__name__ == "EvaBlock" for b in enc.blocks())
