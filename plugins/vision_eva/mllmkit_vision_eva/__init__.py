@@ -6,7 +6,9 @@ the penultimate block's 257 tokens, no final norm) and ``eva_tiny`` (same builde
 
 from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, EvaArch, EvaVisionEncoder, build_eva
 from mllmkit_vision_eva.loading import eva_key_map, interpolate_pos_embed, load_eva_weights
+from mllmkit_vision_eva.random_checkpoint import random_eva_state_dict, write_random_checkpoint
 from mllmkit_vision_eva.transforms import CLIP_MEAN, CLIP_STD, blip2_image_transform
 
 __all__ = ["EvaArch", "EVA_VIT_G", "EVA_TINY", "EvaVisionEncoder", "build_eva", "eva_key_map",
-           "interpolate_pos_embed", "load_eva_weights", "CLIP_MEAN", "CLIP_STD", "blip2_image_transform"]
+           "interpolate_pos_embed", "load_eva_weights", "random_eva_state_dict", "write_random_checkpoint",
+           "CLIP_MEAN", "CLIP_STD", "blip2_image_transform"]

@@ -152,3 +152,15 @@ def test_one_block_matches_written_out_computation():
     x = torch.randn(3, 17, 64)
     with torch.no_grad():
         torch.testing.assert_close(block(x), reference_block(sd, "", x, heads=4), atol=1e-5, rtol=1e-5)
+
+
+def test_random_checkpoint_writer_uses_the_manifest_layout(tmp_path, make_state_dict):
+    from mllmkit_vision_eva.random_checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "eva_vit_g.pth", EVA_TINY, dtype=torch.float16)
+    written = torch.load(path, weights_only=True)
+    manifest_layout = make_state_dict(blocks=EVA_TINY.depth, grid=4)
+    assert list(written) == list(manifest_layout)
+    assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in manifest_layout.items()}
+    enc = _build(weights=path, precision="bf16")
+    assert torch.isfinite(enc(torch.randn(1, 3, 56, 56)).float()).all()
