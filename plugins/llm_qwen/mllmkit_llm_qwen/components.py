@@ -1,0 +1,231 @@
+"""Component ``qwen``: options, the one builder, presets and declared widths.
+
+Options (recipe table ``[model.llm]``, ``type = "qwen"``):
+- ``path``: a model folder as downloaded. ``config.json`` with ``model_type = "qwen"`` (Qwen-7B/14B-Chat
+  v1: weights in ``model.safetensors.index.json`` + shards, ``.bin`` shards or one
+  ``pytorch_model.bin``; vocabulary ``qwen.tiktoken``) is converted on load to ``Qwen2ForCausalLM``;
+  ``model_type = "qwen2"`` (Qwen2/Qwen2.5; ``tokenizer.json``) loads as is. No remote code, no network.
+- ``preset``: ``qwen7b_chat``, ``qwen14b_chat`` or ``qwen_tiny``, used when there is no ``path``:
+  random weights at that size. ``qwen_tiny`` has its own built-in vocabulary (no files at all); the
+  7B/14B presets use that vocabulary too, with the special tokens at Qwen's real ids (for shape,
+  speed and memory work only).
+- ``dtype`` (bf16/fp16/fp32), ``attn_implementation`` (``sdpa``; ``flash_attention_2`` when installed;
+  ``eager``), ``device_map`` (``"auto"`` shards over the visible GPUs with accelerate for
+  inference; or one device such as ``"cuda:0"``), ``trainable``, ``gradient_checkpointing``,
+  ``system`` (default system prompt) and ``image_token`` (the image placeholder: ``<|extra_0|>`` for
+  v1 as MiniGPT4Qwen; Qwen2 has no ``<|extra_0|>``, so there it defaults to ``<|image_pad|>`` when the
+  tokenizer has it and must be named otherwise).
+
+Qwen v1 changes its math past ``seq_length`` (dynamic NTK, log-n); longer inputs are refused
+through ``HFCausalLM.max_positions`` instead of silently computing something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pathlib
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from mllmkit.config import Precision, config, torch_dtype
+from mllmkit.errors import UserError
+from mllmkit.hf_llm import HFCausalLM
+from mllmkit.interfaces import BuildContext, PartDims
+from mllmkit.registry import ComponentSpec
+from mllmkit.weights import WeightsError, checkpoint_files, iter_tensors, load_into
+
+from mllmkit_llm_qwen.convert import (QWEN2_KEYS, QWEN_V1_KEYS, qwen_v1_fields, qwen_v1_hf_config,
+                                      qwen_v1_max_positions, read_config)
+from mllmkit_llm_qwen.template import DEFAULT_SYSTEM, ChatMLTemplate
+from mllmkit_llm_qwen.tokenizer import (ENDOFTEXT, IM_END, IM_START, QwenTokenizer, TokenizersTokenizer,
+                                        qwen_v1_tokenizer, tiny_ranks, tiny_tokenizer)
+
+__all__ = ["QwenConfig", "PRESETS", "build_qwen", "qwen_dims", "SPECS"]
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen v1 config.json fields (later spelling); the same conversion as a downloaded folder.
+    "qwen7b_chat": {"model_type": "qwen", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                    "intermediate_size": 22016, "vocab_size": 151936, "seq_length": 8192,
+                    "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6, "kv_channels": 128},
+    "qwen14b_chat": {"model_type": "qwen", "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+                     "intermediate_size": 27392, "vocab_size": 152064, "seq_length": 2048,
+                     "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6, "kv_channels": 128},
+    "qwen_tiny": {"model_type": "qwen", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 256, "vocab_size": 576, "seq_length": 2048,
+                  "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6},
+}
+QWEN_V1_SPECIAL_BASE = 151643
+
+
+@config
+class QwenConfig:
+    """Options of the ``qwen`` LLM component (see the module docstring)."""
+
+    path: pathlib.Path | None = None
+    preset: Literal["qwen7b_chat", "qwen14b_chat", "qwen_tiny"] | None = None
+    dtype: Precision = "bf16"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    device_map: str | None = None
+    trainable: bool = False
+    gradient_checkpointing: bool = False
+    system: str = DEFAULT_SYSTEM
+    image_token: str | None = None
+
+
+def _raw_config(cfg: QwenConfig) -> tuple[dict[str, Any], str]:
+    if cfg.path is not None:
+        if cfg.preset is not None:
+            raise UserError(f"qwen: give `path` or `preset`, not both (path = {cfg.path}, preset = {cfg.preset})")
+        return read_config(cfg.path), str(pathlib.Path(cfg.path) / "config.json")
+    if cfg.preset is None:
+        raise UserError("qwen: set `path` (a downloaded Qwen model folder) or `preset` "
+                        "(qwen7b_chat, qwen14b_chat, qwen_tiny: random weights)")
+    return dict(PRESETS[cfg.preset]), f"preset {cfg.preset}"
+
+
+def qwen_dims(cfg: QwenConfig, ctx: BuildContext | None = None) -> PartDims:
+    """The hidden size from the preset or the folder's config.json (no weights read)."""
+    raw, source = _raw_config(cfg)
+    if raw.get("model_type") == "qwen2":
+        return PartDims(out_dim=int(raw["hidden_size"]))
+    return PartDims(out_dim=int(qwen_v1_fields(raw, source)["hidden_size"]))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _check_attn(name: str) -> None:
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("qwen: attn_implementation = 'flash_attention_2' needs the flash-attn package, "
+                            "which is not installed; use 'sdpa'")
+
+
+def _new_model(hf_config, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    from transformers import Qwen2ForCausalLM
+
+    with _default_dtype(dtype), torch.device(device):
+        return Qwen2ForCausalLM(hf_config)
+
+
+def _load_folder(model: torch.nn.Module, folder: pathlib.Path, key_map, dtype: torch.dtype, tied: bool) -> None:
+    """Stream the folder's weights shard by shard into the meta model; rebuild derived buffers."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    load_into(model, iter_tensors(checkpoint_files(folder)), key_map, source=str(folder), dtype=dtype,
+              allow_missing=(r"lm_head\.weight",) if tied else ())
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = Qwen2RotaryEmbedding(config=model.config)  # non-persistent inv_freq
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise WeightsError(f"{folder}: tensors never loaded: {', '.join(still_meta[:10])}")
+
+
+def _image_token(cfg: QwenConfig, tokenizer, default: tuple[str, ...], where: str) -> int:
+    candidates = (cfg.image_token,) if cfg.image_token is not None else default
+    for token in candidates:
+        try:
+            return tokenizer.token_id(token)
+        except KeyError:
+            continue
+    if cfg.image_token is not None:
+        raise UserError(f"qwen: image_token {cfg.image_token!r} is not a token of {where}; name a reserved "
+                        f"special token of that vocabulary")
+    raise UserError(f"qwen: {where} has none of {', '.join(default)} to use as the image placeholder; set the "
+                    f"option image_token to a reserved special token of that tokenizer")
+
+
+def build_qwen(cfg: QwenConfig, ctx: BuildContext | None = None) -> HFCausalLM:
+    """The one builder: a folder (Qwen v1 converted, or Qwen2 native) or a preset, wrapped in HFCausalLM."""
+    _check_attn(cfg.attn_implementation)
+    raw, source = _raw_config(cfg)
+    dtype = torch_dtype(cfg.dtype)
+    single_device = cfg.device_map if cfg.device_map not in (None, "auto") else "cpu"
+    model_type = raw.get("model_type")
+    if model_type == "qwen":
+        if cfg.path is not None:
+            tokenizer = qwen_v1_tokenizer(pathlib.Path(cfg.path) / "qwen.tiktoken")
+        elif cfg.preset == "qwen_tiny":
+            tokenizer = tiny_tokenizer()
+        else:
+            tokenizer = QwenTokenizer(dict(tiny_ranks()), name=f"{cfg.preset} (stand-in vocabulary)",
+                                      special_base=QWEN_V1_SPECIAL_BASE)
+        hf_config = qwen_v1_hf_config(raw, source, pad_token_id=tokenizer.token_id(ENDOFTEXT),
+                                      eos_token_ids=[tokenizer.token_id(IM_END), tokenizer.token_id(IM_START)])
+        max_positions = qwen_v1_max_positions(raw, source)
+        image_default: tuple[str, ...] = ("<|extra_0|>",)
+        key_map = QWEN_V1_KEYS
+    elif model_type == "qwen2":
+        from transformers import Qwen2Config
+
+        tokenizer = TokenizersTokenizer(pathlib.Path(cfg.path) / "tokenizer.json")
+        hf_config = Qwen2Config.from_pretrained(str(cfg.path))
+        hf_config.pad_token_id = tokenizer.token_id(ENDOFTEXT)
+        hf_config.eos_token_id = [tokenizer.token_id(IM_END), tokenizer.token_id(IM_START)]
+        max_positions = hf_config.max_position_embeddings
+        image_default = ("<|extra_0|>", "<|image_pad|>")
+        key_map = QWEN2_KEYS
+    else:
+        raise WeightsError(f"{source}: model_type {model_type!r} is not a Qwen model this plugin loads "
+                           f"(expected 'qwen' for Qwen-7B/14B v1 or 'qwen2' for Qwen2/Qwen2.5)")
+    if tokenizer.vocab_size > hf_config.vocab_size:
+        raise WeightsError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                           f"{hf_config.vocab_size} embedding rows")
+    hf_config._attn_implementation = cfg.attn_implementation
+    image_id = _image_token(cfg, tokenizer, image_default, str(cfg.path or source))
+
+    if cfg.path is None:
+        model = _new_model(hf_config, dtype, single_device)
+    else:
+        model = _new_model(hf_config, dtype, "meta")
+        _load_folder(model, pathlib.Path(cfg.path), key_map, dtype, bool(hf_config.tie_word_embeddings))
+        if single_device != "cpu":
+            model.to(single_device)
+    model.generation_config.eos_token_id = list(hf_config.eos_token_id)
+    model.generation_config.pad_token_id = hf_config.pad_token_id
+    model.generation_config.bos_token_id = None
+    if cfg.device_map == "auto":
+        model = _dispatch(model)
+    model.requires_grad_(cfg.trainable)
+    model.train(cfg.trainable)
+
+    template = ChatMLTemplate(tokenizer.encode, im_start_id=tokenizer.token_id(IM_START),
+                              im_end_id=tokenizer.token_id(IM_END), image_token_id=image_id,
+                              pad_token_id=tokenizer.token_id(ENDOFTEXT), default_system=cfg.system)
+    llm = HFCausalLM(model, tokenizer, template, max_positions=max_positions)
+    if cfg.gradient_checkpointing:
+        llm.gradient_checkpointing(True)
+    return llm
+
+
+def _dispatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Spread the layers over the visible GPUs (inference), as ``device_map="auto"`` does in HF."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+    except ImportError:
+        raise UserError("qwen: device_map = 'auto' needs the accelerate package "
+                        "(pip install 'mllmkit-llm-qwen[multi-gpu]')") from None
+    device_map = infer_auto_device_map(model, no_split_module_classes=["Qwen2DecoderLayer"])
+    return dispatch_model(model, device_map=device_map)
+
+
+SPECS = [ComponentSpec(
+    "qwen", QwenConfig, build_qwen,
+    "Qwen-7B/14B-Chat (v1 folders converted to Qwen2 modules), Qwen2/2.5 folders, or a random-init preset; ChatML",
+    dims=qwen_dims,
+)]
