@@ -9,6 +9,18 @@ from mllmkit_vision_eva.loading import eva_key_map, interpolate_pos_embed, load_
 from mllmkit_vision_eva.random_checkpoint import random_eva_state_dict, write_random_checkpoint
 from mllmkit_vision_eva.transforms import CLIP_MEAN, CLIP_STD, blip2_image_transform
 
-__all__ = ["EvaArch", "EVA_VIT_G", "EVA_TINY", "EvaVisionEncoder", "build_eva", "eva_key_map",
-           "interpolate_pos_embed", "load_eva_weights", "random_eva_state_dict", "write_random_checkpoint",
-           "CLIP_MEAN", "CLIP_STD", "blip2_image_transform"]
+__all__ = [
+           "CLIP_MEAN",
+           "CLIP_STD",
+           "EVA_TINY",
+           "EVA_VIT_G",
+           "EvaArch",
+           "EvaVisionEncoder",
+           "blip2_image_transform",
+           "build_eva",
+           "eva_key_map",
+           "interpolate_pos_embed",
+           "load_eva_weights",
+           "random_eva_state_dict",
+           "write_random_checkpoint",
+]

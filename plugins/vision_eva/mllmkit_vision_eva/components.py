@@ -13,15 +13,13 @@ import logging
 import pathlib
 
 import attrs
-import torch
 
 from mllmkit.config import ConfigValueError, Precision, config, positive, torch_dtype
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
-
 from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, EvaArch, EvaVisionEncoder, build_eva
 
-__all__ = ["EvaViTGConfig", "EvaTinyConfig", "build_preset", "dims_of", "SPECS"]
+__all__ = ["SPECS", "EvaTinyConfig", "EvaViTGConfig", "build_preset", "dims_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +68,14 @@ def build_preset(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig, ctx: BuildCo
     from mllmkit_vision_eva.loading import load_eva_weights
 
     dtype = torch_dtype(cfg.precision)
-    kwargs = dict(image_size=cfg.image_size, patch_size=arch.patch_size, width=arch.width, depth=cfg.num_blocks,
-                  num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, precision=dtype,
-                  grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip)
+    device = "cpu" if cfg.weights is None else "meta"
+    encoder = build_eva(image_size=cfg.image_size, patch_size=arch.patch_size, width=arch.width,
+                        depth=cfg.num_blocks, num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, precision=dtype,
+                        grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip, device=device)
     if cfg.weights is None:
         logger.warning("%s: no weights given: EVA encoder (%d blocks, width %d) is randomly initialised",
                        ctx.key, cfg.num_blocks, arch.width)
-        encoder = build_eva(**kwargs, device="cpu")
     else:
-        encoder = build_eva(**kwargs, device="meta")
         load_eva_weights(encoder, cfg.weights, dtype=dtype, key=ctx.key)
     return encoder.set_trainable(cfg.trainable)
 

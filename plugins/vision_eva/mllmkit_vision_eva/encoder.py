@@ -14,15 +14,23 @@ LayerNorms, which keep fp32 parameters and compute in fp32 (timm's ``LayerNormFp
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["EvaArch", "EVA_VIT_G", "EVA_TINY", "EvaVisionEncoder", "build_eva", "apply_precision",
-           "init_nonpersistent_buffers"]
+__all__ = [
+    "EVA_TINY",
+    "EVA_VIT_G",
+    "EvaArch",
+    "EvaVisionEncoder",
+    "apply_precision",
+    "build_eva",
+    "init_nonpersistent_buffers",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -109,13 +117,13 @@ class EvaVisionEncoder(nn.Module):
         return list(self.vit.blocks)
 
     # -- freezing --
-    def set_trainable(self, trainable: bool) -> "EvaVisionEncoder":
+    def set_trainable(self, trainable: bool) -> EvaVisionEncoder:
         self.trainable = trainable
         for param in self.parameters():
             param.requires_grad_(trainable)
         return self.train(self.training)
 
-    def train(self, mode: bool = True) -> "EvaVisionEncoder":
+    def train(self, mode: bool = True) -> EvaVisionEncoder:
         return super().train(mode and self.trainable)
 
 

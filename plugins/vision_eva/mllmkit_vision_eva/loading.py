@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from mllmkit.weights import KeyMap, WeightsError, checkpoint_files, iter_tensors, load_into
-
 from mllmkit_vision_eva.encoder import EvaVisionEncoder, init_nonpersistent_buffers
 
 __all__ = ["BLOCK_KEYS", "eva_key_map", "interpolate_pos_embed", "load_eva_weights"]

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
-from mllmkit.interfaces import BuildContext, VisionEncoder
 from mllmkit_vision_eva.components import EvaTinyConfig, EvaViTGConfig, build_preset, dims_of
 from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, build_eva
 from mllmkit_vision_eva.loading import eva_key_map
+from torch import nn
+
+from mllmkit.interfaces import BuildContext, VisionEncoder
 
 CTX = BuildContext(key="model.vision")
 

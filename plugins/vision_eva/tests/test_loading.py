@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mllmkit_vision_eva.components import EvaTinyConfig, build_preset
+from mllmkit_vision_eva.encoder import EVA_TINY
 
 from mllmkit.interfaces import BuildContext
 from mllmkit.weights import WeightsError
-from mllmkit_vision_eva.components import EvaTinyConfig, build_preset
-from mllmkit_vision_eva.encoder import EVA_TINY
 
 
 def _build(**options):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from mllmkit_vision_eva.transforms import CLIP_MEAN, CLIP_STD, blip2_image_transform
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomHorizontalFlip, RandomResizedCrop, Resize
-
-from mllmkit_vision_eva.transforms import CLIP_MEAN, CLIP_STD, blip2_image_transform
 
 
 def test_eval_transform_resizes_and_normalises_with_clip_stats():
@@ -16,7 +15,7 @@ def test_eval_transform_resizes_and_normalises_with_clip_stats():
     want = torch.tensor([(255 / 255 - CLIP_MEAN[0]) / CLIP_STD[0], (0 - CLIP_MEAN[1]) / CLIP_STD[1],
                          (128 / 255 - CLIP_MEAN[2]) / CLIP_STD[2]])
     torch.testing.assert_close(out[:, 28, 28], want)
-    resize = [t for t in blip2_image_transform(224, train=False).transforms if isinstance(t, Resize)][0]
+    resize = next(t for t in blip2_image_transform(224, train=False).transforms if isinstance(t, Resize))
     assert tuple(resize.size) == (224, 224) and resize.interpolation == InterpolationMode.BICUBIC
 
 
@@ -27,7 +26,7 @@ def test_grey_and_rgba_inputs_become_three_channels():
 
 def test_train_transform_crop_scale_and_no_flip_by_default():
     steps = blip2_image_transform(224, train=True).transforms
-    crop = [t for t in steps if isinstance(t, RandomResizedCrop)][0]
+    crop = next(t for t in steps if isinstance(t, RandomResizedCrop))
     assert crop.size == (224, 224) and crop.scale == (0.5, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
     assert not any(isinstance(t, RandomHorizontalFlip) for t in steps)
     assert any(isinstance(t, RandomHorizontalFlip) for t in blip2_image_transform(224, True, hflip=True).transforms)
