@@ -13,29 +13,20 @@ import attrs
 
 from mllmkit.config import between, non_negative, positive
 
-__all__ = ["ComponentTable", "ModelSection", "DataSection", "TrainSection", "ChatSection", "RecipeSchema"]
-
-
-@attrs.frozen
-class ComponentTable:
-    """A component reference before pass 2: its type name and raw options."""
-
-    type: str
-    options: dict[str, Any]
-    key: str
+__all__ = ["ModelSection", "DataSection", "TrainSection", "ChatSection", "RecipeSchema"]
 
 
 @attrs.frozen(kw_only=True)
 class ModelSection:
-    vision: Any
-    bridges: list[Any] = attrs.Factory(list)
-    llm: Any
+    vision: dict
+    bridges: list[dict] = attrs.Factory(list)
+    llm: dict
 
 
 @attrs.frozen(kw_only=True)
 class DataSection:
-    train: list[Any] = attrs.Factory(list)
-    eval: list[Any] = attrs.Factory(list)
+    train: list[dict] = attrs.Factory(list)
+    eval: list[dict] = attrs.Factory(list)
     on_error: Literal["skip", "fail"] = "skip"
     """What to do with a record or image that cannot be used: skip it (counted and reported) or stop."""
     num_workers: int = attrs.field(default=0, validator=non_negative)
@@ -105,6 +96,6 @@ class RecipeSchema:
     model: ModelSection
     data: DataSection = attrs.Factory(DataSection)
     train: TrainSection = attrs.Factory(TrainSection)
-    parallel: Any = attrs.Factory(lambda: {"type": "single"})
+    parallel: dict = attrs.Factory(lambda: {"type": "single"})
     chat: ChatSection = attrs.Factory(ChatSection)
     extends: Any = None

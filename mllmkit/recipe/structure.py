@@ -63,8 +63,10 @@ def describe_type(tp: Any) -> str:
         return " or ".join(parts)
     if origin in (list, tuple):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if args and (args[0] is dict or attrs.has(args[0])):
+            return "an array of tables"
         return f"a list of {_plural(describe_type(args[0]))}" if args else "a list"
-    if origin is dict:
+    if origin is dict or tp is dict:
         return "a table"
     if attrs.has(tp):
         return "a table"
@@ -95,7 +97,10 @@ def _found(value: Any) -> str:
 
 
 def _toml_type(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string"}.get(type(value), type(value).__name__)
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def _mismatch(tp: Any, value: Any, key: str) -> RecipeError:

@@ -2,6 +2,8 @@
 
 - ``plugin_host``: a fresh plugin host (installed plugins + the toy components), installed as the
   process-wide host for the test and removed afterwards.
+- ``core_plugin_host``: the same with only the core's built-ins and the toy components (results do
+  not depend on which other plugins are installed).
 - ``toy_recipe``: a recipe dict assembling ``toy_vision → linear → toy_llm``; copy and edit it.
 - ``tiny_image``: a path to a small RGB PNG.
 """
@@ -22,6 +24,18 @@ def plugin_host():
     from mllmkit.plugins import build_plugin_host, reset_plugin_host
     from mllmkit.testing.toy import ToyPlugin
 
+    host = build_plugin_host(extra_plugins=[("mllmkit-testing", ToyPlugin())])
+    reset_plugin_host(host)
+    yield host
+    reset_plugin_host(None)
+
+
+@pytest.fixture
+def core_plugin_host(monkeypatch):
+    from mllmkit.plugins import build_plugin_host, reset_plugin_host
+    from mllmkit.testing.toy import ToyPlugin
+
+    monkeypatch.setenv("MLLMKIT_PLUGINS", "builtin")
     host = build_plugin_host(extra_plugins=[("mllmkit-testing", ToyPlugin())])
     reset_plugin_host(host)
     yield host

@@ -1,0 +1,113 @@
+"""Bad recipes: each error names the file, the key path, what was expected and what was found."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from mllmkit import check_wiring, load_recipe
+from mllmkit.errors import RecipeError
+
+GOOD = """
+[model.vision]
+type = "toy_vision"
+
+[[model.bridges]]
+type = "linear"
+
+[model.llm]
+type = "toy_llm"
+"""
+
+BAD_RECIPES = [
+    # (recipe text, expected key path, fragment of the message)
+    (GOOD.replace('type = "toy_vision"', 'type = "toy_visoin"'), "model.vision.type",
+     "unknown vision component 'toy_visoin'; available: toy_vision"),
+    (GOOD.replace('type = "toy_llm"', 'type = 3'), "model.llm.type", "expected a string, found 3"),
+    (GOOD.replace('type = "toy_llm"', ''), "model.llm.type", "required: name the llm component; available: toy_llm"),
+    (GOOD.replace('type = "linear"', 'type = "liner"'), "model.bridges[0].type",
+     "unknown bridge component 'liner'; available: linear, mlp"),
+    (GOOD + "\n[train]\nlr = \"fast\"\n", "train.lr", 'expected a number, found "fast" (string)'),
+    (GOOD + "\n[train]\nlr = -1.0\n", "train.lr", "expected a value > 0, found -1.0"),
+    (GOOD + "\n[train]\nepochs = 1.5\n", "train.epochs", "expected an integer, found 1.5 (float)"),
+    (GOOD + "\n[train]\nepoch = 2\n", "train.epoch", "unknown option; did you mean 'epochs'?"),
+    (GOOD + "\n[train]\nprecision = \"bf17\"\n", "train.precision",
+     'expected one of "fp32", "bf16", "fp16", found "bf17" (string)'),
+    (GOOD + "\n[train]\nloss_reduction = \"mean\"\n", "train.loss_reduction", 'expected one of "token", "sample"'),
+    (GOOD + "\n[train]\nbetas = 0.9\n", "train.betas", "expected a list of numbers, found 0.9 (float)"),
+    (GOOD + "\n[train]\ngradient_checkpointing = \"yes\"\n", "train.gradient_checkpointing",
+     'expected true or false, found "yes" (string)'),
+    (GOOD + "\n[data]\non_error = \"ignore\"\n", "data.on_error", 'expected one of "skip", "fail"'),
+    (GOOD + "\n[chat]\ntop_p = 1.5\n", "chat.top_p", "expected a value in [0.0, 1.0], found 1.5"),
+    (GOOD + "\n[trian]\nlr = 1.0\n", "trian", "unknown option; did you mean 'train'?"),
+    (GOOD.replace("[model.vision]", "[model.visoin]"), "model.visoin", "unknown option; did you mean 'vision'?"),
+    (GOOD.replace('type = "toy_vision"', 'type = "toy_vision"\nwidth = "wide"'), "model.vision.width",
+     'expected an integer, found "wide" (string)'),
+    (GOOD.replace('type = "toy_vision"', 'type = "toy_vision"\nwidht = 8'), "model.vision.widht",
+     "unknown option; did you mean 'width'? Allowed options here: image_size, patch_size, width, trainable"),
+    (GOOD.replace('type = "linear"', 'type = "linear"\nout_dim = 0'), "model.bridges[0].out_dim",
+     "expected a value > 0, found 0"),
+    (GOOD.replace("[[model.bridges]]", "[model.bridges]"), "model.bridges",
+     "expected an array of tables, found a table"),
+    (GOOD.replace('type = "linear"', 'type = "linear"\nweights = 5'), "model.bridges[0].weights",
+     "expected a path (string), found 5 (integer)"),
+    (GOOD + "\n[parallel]\ntype = \"mpi\"\n", "parallel.type", "unknown parallel component 'mpi'"),
+    (GOOD + "\n[[data.train]]\nname = \"x\"\n", "data.train[0].type", "required: name the dataset component"),
+    ("[model]\n", "model.vision", "required option is missing (expected a table)"),
+    ("[train]\nlr = 1.0\n", "model", "required: a recipe needs [model.vision]"),
+    (GOOD + "\n[train]\nmax_text_len = 0\n", "train.max_text_len", "expected a value > 0, found 0"),
+]
+
+
+@pytest.mark.parametrize("text, key, fragment", BAD_RECIPES, ids=[k for _, k, _ in BAD_RECIPES])
+def test_bad_recipe_names_key_and_fix(core_plugin_host, tmp_path, text, key, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert info.value.key == key
+    assert message.startswith(f"{path}: {key}: ")
+    assert fragment in message
+
+
+def test_at_least_twenty_distinct_bad_recipes():
+    assert len({key for _, key, _ in BAD_RECIPES}) >= 20
+
+
+def test_toml_syntax_error_names_file(core_plugin_host, tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[model\n")
+    with pytest.raises(RecipeError, match=rf"^{path}: not valid TOML: "):
+        load_recipe(path)
+
+
+def test_wrong_explicit_bridge_width_rejected_at_check(core_plugin_host, tmp_path):
+    path = tmp_path / "dims.toml"
+    path.write_text(GOOD.replace('type = "linear"', 'type = "linear"\nin_dim = 99'))
+    with pytest.raises(RecipeError) as info:
+        check_wiring(load_recipe(path))
+    assert str(info.value) == (f"{path}: model.bridges[0]: linear expects input width 99, but model.vision "
+                               "(toy_vision) outputs 24; set in_dim = 24 or leave it out to infer it")
+
+
+def test_last_bridge_must_end_at_llm_hidden(core_plugin_host, tmp_path):
+    path = tmp_path / "dims.toml"
+    path.write_text(GOOD.replace('type = "linear"', 'type = "linear"\nout_dim = 50'))
+    with pytest.raises(RecipeError) as info:
+        check_wiring(load_recipe(path))
+    assert str(info.value).endswith("model.bridges[0]: the last bridge outputs width 50, but the LLM toy_llm has "
+                                    "hidden size 32; set out_dim = 32 or leave it out to infer it")
+
+
+def test_good_recipe_fills_defaults(core_plugin_host, tmp_path):
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    recipe = load_recipe(path)
+    assert recipe.vision.config.width == 24
+    assert recipe.bridges[0].config.trainable is True
+    assert recipe.train.loss_reduction == "token"
+    assert recipe.parallel.type == "single"
+    wiring = check_wiring(recipe)
+    assert (wiring.vision.out_dim, wiring.vision.out_tokens, wiring.bridges[0].out_dim, wiring.llm.out_dim) == (24, 5, 32, 32)

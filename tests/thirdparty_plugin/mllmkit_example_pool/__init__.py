@@ -1,0 +1,1 @@
+"""An example third-party plugin: a bridge that average-pools vision tokens."""
