@@ -1,0 +1,125 @@
+"""The model a chat talks to: assemble the recipe, load trained weights by name, place and cast it.
+
+:func:`load_trained_weights` reads any layout :func:`mllmkit.checkpoint_formats.read_trainable_weights`
+accepts and loads it strictly by parameter name: mllmkit exports use the model's own names
+(``bridges.1.proj.weight``); the seed's ``llm_proj.weight``/``llm_proj.bias`` go to the ``linear``
+bridge that outputs the LLM's hidden size. A key that matches no parameter is refused with the
+expected names; the seed's fine-tuned-LLM file (``llm_model.transformer.*``) is refused by name.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from mllmkit.errors import UserError
+from mllmkit.weights import KeyMap, WeightsError, load_into
+
+__all__ = ["load_trained_weights", "seed_projection_index", "resolve_device", "place_model", "load_chat_model",
+           "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SUPPORTED = ("supported: an mllmkit export folder or its trainable.safetensors (keys named like the model's "
+             "parameters), and the seed's projection checkpoints with llm_proj.weight and llm_proj.bias "
+             "(LAVIS checkpoint_N.pth, model.pth, DeepSpeed mp_rank_00_model_states.pt)")
+
+
+def seed_projection_index(model) -> int:
+    """Index of the ``linear`` bridge that ends at the LLM's hidden size (the seed's ``llm_proj``)."""
+    from mllmkit.builtin.projection_bridges import LinearBridge
+
+    found = [i for i, b in enumerate(model.bridges)
+             if isinstance(b, LinearBridge) and b.out_dim == model.llm.hidden_size]
+    if not found:
+        raise WeightsError("the checkpoint holds the seed's llm_proj.* projection, but the recipe has no "
+                           f"'linear' bridge with out_dim = the LLM hidden size ({model.llm.hidden_size}); "
+                           "add [[model.bridges]] type = \"linear\" after the last bridge")
+    return found[-1]
+
+
+def load_trained_weights(model, path: str | pathlib.Path) -> list[str]:
+    """Load a trained checkpoint into ``model`` by name (strict: every key must be a model tensor).
+
+    Returns the model names that were loaded.
+    """
+    from mllmkit.checkpoint_formats import read_trainable_weights
+
+    tensors = read_trainable_weights(path)
+    seed_llm = [k for k in tensors if k.startswith("llm_model.")]
+    if seed_llm:
+        raise WeightsError(
+            f"{path}: holds a fine-tuned LLM in the seed's layout ({len(seed_llm)} keys like {seed_llm[0]!r}, "
+            f"from unfreeze_llm_model.pth); loading it is not supported; {SUPPORTED}")
+    rules: list[tuple[str, Any]] = []
+    if any(k.startswith("llm_proj.") for k in tensors):
+        rules.append((r"llm_proj[.](.*)", rf"bridges.{seed_projection_index(model)}.proj.\1"))
+    rules.append((r"(.*)", r"\1"))
+    key_map = KeyMap(rules=rules)
+    names = dict(model.state_dict(keep_vars=True))
+    unexpected = [k for k in tensors if key_map.apply(k, tensors[k])[0][0] not in names]
+    if unexpected:
+        expected = [n for n, p in model.named_parameters() if p.requires_grad] or list(names)[:10]
+        raise WeightsError(
+            f"{path}: keys that match no model parameter ({len(unexpected)}): {', '.join(sorted(unexpected)[:10])}; "
+            f"expected this model's parameter names (trainable ones: {', '.join(expected[:10])}) or the seed's "
+            f"llm_proj.weight, llm_proj.bias; {SUPPORTED}")
+    report = load_into(model, [list(tensors.items())], key_map, source=str(path), allow_missing=[".*"])
+    return report.loaded
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def place_model(model, device: str | torch.device | None, precision: str | None):
+    """Move ``model`` to ``device``; ``fp32`` casts everything, ``bf16``/``fp16`` cast the LLM (the
+    image embeddings are cast to the LLM's dtype when inserted; vision parts keep their own precision)."""
+    if precision is not None and precision not in DTYPES:
+        raise UserError(f"precision must be one of {', '.join(DTYPES)}, found {precision!r}")
+    device = resolve_device(device)
+    if precision == "fp32":
+        model.float()
+    elif precision is not None:
+        model.llm.to(DTYPES[precision])
+    model.to(device)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _recipe_and_export(recipe: Any) -> tuple[Any, pathlib.Path | None]:
+    """An export folder (with recipe.toml) stands for its recipe and its weights."""
+    if isinstance(recipe, (str, pathlib.Path)) and pathlib.Path(recipe).is_dir():
+        folder = pathlib.Path(recipe)
+        if not (folder / "recipe.toml").is_file():
+            raise UserError(f"{folder}: a folder was given as the recipe, but it has no recipe.toml "
+                            f"(give a recipe file, or an mllmkit export folder)")
+        return folder / "recipe.toml", folder
+    return recipe, None
+
+
+def load_chat_model(recipe: Any, *, checkpoint: str | pathlib.Path | None = None, device: str | None = None,
+                    precision: str | None = None, overrides: Iterable[str] = ()):
+    """Assemble ``recipe`` (a path, dict, Recipe or export folder), load ``checkpoint`` (or the recipe's
+    ``chat.checkpoint``, or the export's weights), place it. Returns ``(model, recipe)``."""
+    from mllmkit import assemble, load_recipe
+    from mllmkit.recipe import Recipe
+
+    source, export = _recipe_and_export(recipe)
+    if not isinstance(source, Recipe):
+        source = load_recipe(source, list(overrides)) if not isinstance(source, Mapping) else load_recipe(
+            source, list(overrides))
+    model = assemble(source)
+    checkpoint = checkpoint or source.chat.checkpoint or export
+    if checkpoint is not None:
+        load_trained_weights(model, checkpoint)
+    place_model(model, device or source.chat.device, precision or source.chat.precision)
+    return model, source

@@ -1,0 +1,109 @@
+"""Token-by-token text from ``generate``: a streamer that decodes incrementally with any tokenizer.
+
+transformers' ``TextIteratorStreamer`` needs a HF tokenizer; mllmkit tokenizers only promise
+``decode(ids)``. :class:`IncrementalDecoder` turns a growing list of ids into new text pieces,
+holding back a trailing replacement character (a multi-byte UTF-8 character split across tokens)
+until the next token completes it. :class:`QueueStreamer` is the ``streamer=`` object ``generate``
+calls from its worker thread; it stops at the first stop token.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = ["IncrementalDecoder", "QueueStreamer", "cut_at_stop"]
+
+_REPLACEMENT = "\ufffd"
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """The ids before the first stop token."""
+    out = []
+    for token in ids:
+        if token in stop_ids:
+            break
+        out.append(int(token))
+    return out
+
+
+class IncrementalDecoder:
+    """Feed ids one at a time, get the text they add (complete characters only until :meth:`flush`)."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self.ids.extend(int(t) for t in token_ids)
+        text = self._decode(self.ids)
+        stable = text.rstrip(_REPLACEMENT)
+        return self._emit(stable)
+
+    def flush(self) -> str:
+        return self._emit(self._decode(self.ids))
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+
+class QueueStreamer:
+    """A ``generate(streamer=...)`` object: skips the prompt, stops at stop ids, queues text pieces."""
+
+    _DONE = object()
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop_ids: Sequence[int]) -> None:
+        self.decoder = IncrementalDecoder(decode)
+        self.stop_ids = set(int(i) for i in stop_ids)
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+        self._stopped = False
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def cancelled(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        """A ``StoppingCriteria``: true once :meth:`cancel` was called."""
+        return torch.full((input_ids.shape[0],), self._cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    # -- called by generate (worker thread) --
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first passes the prompt ids (empty for inputs_embeds)
+            self._prompt_seen = True
+            return
+        if self._stopped:
+            return
+        ids = [int(t) for t in value.reshape(-1).tolist()]
+        kept = cut_at_stop(ids, self.stop_ids)
+        self._stopped = len(kept) < len(ids)
+        piece = self.decoder.push(kept) if kept else ""
+        if piece:
+            self.queue.put(piece)
+
+    def end(self) -> None:
+        piece = self.decoder.flush()
+        if piece:
+            self.queue.put(piece)
+        self.queue.put(self._DONE)
+
+    # -- called by the consumer --
+    def fail(self, exc: BaseException) -> None:
+        self.queue.put(exc)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self.queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
