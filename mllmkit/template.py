@@ -31,11 +31,27 @@ Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 @attrs.frozen
 class Piece:
-    """A run of token ids: labelled (trained on) or not; ``image`` marks one image's placeholders."""
+    """A run of token ids: labelled (trained on) or not; ``image`` marks one image's placeholders.
+
+    ``label_ids`` (same length as ``ids``) gives explicit labels where they differ from the ids, e.g.
+    Baichuan's fine-tuning labels the user token that follows an answer with eos.
+    """
 
     ids: tuple[int, ...]
     labelled: bool = False
     image: bool = False
+    label_ids: tuple[int, ...] | None = attrs.field(default=None)
+
+    @label_ids.validator
+    def _same_length(self, attribute: attrs.Attribute, value: tuple[int, ...] | None) -> None:
+        if value is not None and len(value) != len(self.ids):
+            raise ValueError(f"label_ids has {len(value)} entries for {len(self.ids)} ids")
+
+    def labels(self) -> list[int]:
+        """This piece's labels: ``label_ids``, else the ids when labelled, else IGNORE_INDEX."""
+        if self.label_ids is not None:
+            return list(self.label_ids)
+        return list(self.ids) if self.labelled else [IGNORE_INDEX] * len(self.ids)
 
 
 @attrs.frozen
@@ -93,9 +109,9 @@ def encode_pieces(pieces: Sequence[Piece], max_len: int | None = None) -> Encode
                 )
             room = max_len - len(input_ids)
             input_ids.extend(piece.ids[:room])
-            labels.extend(piece.ids[:room] if piece.labelled else [IGNORE_INDEX] * room)
+            labels.extend(piece.labels()[:room])
             break
         input_ids.extend(piece.ids)
-        labels.extend(piece.ids if piece.labelled else [IGNORE_INDEX] * len(piece.ids))
+        labels.extend(piece.labels())
         num_images += piece.image
     return Encoded(input_ids=input_ids, labels=labels, num_images=num_images)
