@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "intermediate_size": 27392, "vocab_size": 152064, "seq_length": 2048,
                      "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6, "kv_channels": 128},
     "qwen_tiny": {"model_type": "qwen", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "intermediate_size": 256, "vocab_size": 576, "seq_length": 2048,
+                  "intermediate_size": 256, "vocab_size": 640, "seq_length": 2048,
                   "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6},
 }
 QWEN_V1_SPECIAL_BASE = 151643
