@@ -8,7 +8,8 @@ holds no family-specific code.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from mllmkit.interfaces import Tokenizer
 from mllmkit.template import ChatTemplate
 
-__all__ = ["HFCausalLM"]
+__all__ = ["HFCausalLM", "new_hf_model", "finish_meta_load"]
 
 
 class HFCausalLM(nn.Module):
@@ -76,3 +77,31 @@ class HFCausalLM(nn.Module):
                 f"sequence of {length} tokens is longer than this model's {self.max_positions} positions; "
                 f"shorten the input (max_text_len, chat history window)"
             )
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def new_hf_model(model_cls: type, hf_config, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
+    """``model_cls(hf_config)`` with parameters in ``dtype`` on ``device`` (``"meta"``: no memory, load later)."""
+    with _default_dtype(dtype), torch.device(device):
+        return model_cls(hf_config)
+
+
+def finish_meta_load(model: nn.Module, source: str) -> None:
+    """After streaming weights into a meta-built Llama-layout model: rebuild the rotary embedding
+    (its ``inv_freq`` is a non-persistent buffer no checkpoint holds) and refuse anything still on meta."""
+    from mllmkit.weights import WeightsError
+
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise WeightsError(f"{source}: tensors never loaded: {', '.join(still_meta[:10])}")

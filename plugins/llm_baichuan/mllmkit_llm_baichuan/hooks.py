@@ -1,0 +1,13 @@
+"""Hook implementations of the llm_baichuan plugin: registers ``baichuan2`` and ``baichuan2_tiny``."""
+
+from __future__ import annotations
+
+from mllmkit.hookspecs import hookimpl
+from mllmkit.registry import ComponentSpec
+
+
+@hookimpl
+def mllmkit_register_llms() -> list[ComponentSpec]:
+    from mllmkit_llm_baichuan.components import SPECS
+
+    return SPECS
