@@ -123,7 +123,13 @@ class LLM(Protocol):
 
 
 class Dataset(Protocol):
-    """A map-style dataset of :class:`Sample` objects. ``__getitem__`` may raise ``DataError``."""
+    """A map-style dataset of :class:`Sample` objects.
+
+    ``__getitem__`` raises :class:`mllmkit.data.errors.SampleError` (cause, file, record index) for
+    a record it cannot use; the loader skips or stops as ``[data] on_error`` says. Optional:
+    ``approx_length(index)`` (a cheap length for ``group_by_length``), ``chance_accuracy()`` (the
+    exact-match score of guessing, reported beside the held-out accuracy).
+    """
 
     name: str
 
@@ -132,15 +138,38 @@ class Dataset(Protocol):
 
 
 class Engine(Protocol):
-    """A model prepared by a backend: one optimizer step at a time, checkpointable."""
+    """A model prepared by a backend: one optimizer step per :meth:`train_step`, checkpointable.
+
+    ``train_step(micro_batches)`` takes this rank's ``grad_accum`` micro-batches
+    (:class:`mllmkit.data.collate.Batch`), sets the learning rate ``lr_schedule(step)``, runs forward
+    and backward, clips, steps the optimizer and returns ``{"loss", "lr", "grad_norm", "tokens",
+    "samples"}`` — the true loss of the step over all ranks and the global counts. ``eval_loss(batch)``
+    gives this rank's ``(loss sum, labelled tokens)``. ``state_dict()`` returns, on the main rank at
+    least, ``{"model": {MLLM parameter name: full tensor}, "optimizer": {"state": {name: ...},
+    "param_groups": [...]}, "step": int}``; ``load_state_dict`` accepts that from any backend.
+    ``model`` is the unwrapped MLLM (used for generation), ``device`` where batches go.
+    """
+
+    model: nn.Module
+    device: torch.device
+    step: int
 
     def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]: ...
+    def eval_loss(self, batch: Any) -> tuple[float, int]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class ParallelBackend(Protocol):
-    """How training is spread: ``single``, ``ddp``, ``zero``, ``pipeline``."""
+    """How training is spread: ``single``, ``ddp``, ``zero``, ``pipeline``.
+
+    ``setup()`` joins the process group (torchrun's environment) and picks the device;
+    ``prepare(model, optimizer_factory, lr_schedule, train)`` moves/wraps the model and returns an
+    :class:`Engine`; ``optimizer_factory(named_trainable_params)`` builds AdamW with the recipe's
+    parameter groups, ``lr_schedule(step)`` gives the learning rate of an optimizer step, ``train``
+    is the recipe's ``[train]`` section. ``all_reduce`` sums a CPU tensor over ranks;
+    ``all_gather_object`` collects a picklable object from every rank; only ``is_main`` writes files.
+    """
 
     rank: int
     world_size: int
@@ -148,7 +177,11 @@ class ParallelBackend(Protocol):
     device: torch.device
 
     def setup(self) -> None: ...
-    def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> Engine: ...
+    def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any],
+                lr_schedule: Callable[[int], float], train: Any) -> Engine: ...
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+    def barrier(self) -> None: ...
     def shutdown(self) -> None: ...
 
 

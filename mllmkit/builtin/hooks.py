@@ -11,3 +11,17 @@ def mllmkit_register_bridges() -> list[ComponentSpec]:
     from mllmkit.builtin.projection_bridges import SPECS
 
     return SPECS
+
+
+@hookimpl
+def mllmkit_register_datasets() -> list[ComponentSpec]:
+    from mllmkit.builtin import datasets, demo_shapes
+
+    return [*datasets.SPECS, *demo_shapes.SPECS]
+
+
+@hookimpl
+def mllmkit_register_parallel_backends() -> list[ComponentSpec]:
+    from mllmkit.builtin.backends import SPECS
+
+    return SPECS

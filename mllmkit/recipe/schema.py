@@ -32,6 +32,10 @@ class DataSection:
     num_workers: int = attrs.field(default=0, validator=non_negative)
     group_by_length: bool = False
     """Batch samples of similar length together (less padding)."""
+    augment: bool = True
+    """Training images get the encoder's training transform (random crops); false = its eval transform."""
+    system: str | None = None
+    """System prompt for training and evaluation; unset uses the LLM template's default."""
 
 
 @attrs.frozen(kw_only=True)

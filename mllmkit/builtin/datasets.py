@@ -1,0 +1,176 @@
+"""Built-in instruction datasets: the seed's ``minigpt4qwen_instruction`` JSON and LLaVA conversations.
+
+Both read a JSON list of records (``annotations``) whose image paths are relative to ``images``.
+Records are parsed when drawn, so a malformed record, a missing or unreadable image raises
+:class:`~mllmkit.data.errors.SampleError` with the file and record index (the loader skips or fails
+as ``[data] on_error`` says). ``weight`` sets how often the dataset is drawn per epoch when several
+are mixed (see :func:`mllmkit.data.sampling.epoch_order`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import attrs
+
+from mllmkit.config import config, non_negative, positive
+from mllmkit.data.errors import MALFORMED_RECORD, SampleError
+from mllmkit.errors import UserError
+from mllmkit.interfaces import BuildContext, Sample
+from mllmkit.registry import ComponentSpec
+from mllmkit.template import IMAGE_MARKER, IMAGE_SPAN
+
+__all__ = ["InstructionConfig", "LlavaConfig", "JsonAnnotations", "MiniGPT4QwenInstructions",
+           "LlavaConversations", "SPECS"]
+
+
+@config
+class InstructionConfig:
+    """Options of ``minigpt4qwen_instruction``."""
+
+    annotations: pathlib.Path
+    """JSON list of records with ``image``, ``instruction`` and ``output`` (strings or equal-length lists)."""
+    images: pathlib.Path | None = None
+    """Folder the records' image paths are relative to (unset: the annotation file's folder)."""
+    weight: float = attrs.field(default=1.0, validator=non_negative)
+    """Draws per record per epoch when mixing (2 = twice, 0.5 = a random half)."""
+    max_samples: int | None = attrs.field(default=None, validator=positive)
+    """Use only the first N records."""
+
+
+@config
+class LlavaConfig:
+    """Options of ``llava_conversations``."""
+
+    annotations: pathlib.Path
+    """LLaVA JSON: records with ``image`` (optional) and ``conversations`` [{from: human|gpt, value}]."""
+    images: pathlib.Path | None = None
+    """Folder the records' image paths are relative to (unset: the annotation file's folder)."""
+    weight: float = attrs.field(default=1.0, validator=non_negative)
+    """Draws per record per epoch when mixing (2 = twice, 0.5 = a random half)."""
+    max_samples: int | None = attrs.field(default=None, validator=positive)
+    """Use only the first N records."""
+
+
+class JsonAnnotations:
+    """A JSON list of records, each turned into a :class:`Sample` by :meth:`parse` when drawn."""
+
+    def __init__(self, name: str, annotations: pathlib.Path, images: pathlib.Path | None,
+                 weight: float = 1.0, max_samples: int | None = None) -> None:
+        self.name, self.weight = name, weight
+        self.source = str(annotations)
+        if not annotations.is_file():
+            raise UserError(f"{name}: annotation file not found: {annotations}; check `annotations` in the recipe")
+        try:
+            records = json.loads(annotations.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{annotations}: not valid JSON ({exc})") from None
+        if not isinstance(records, list):
+            raise UserError(f"{annotations}: expected a JSON list of records, found a {type(records).__name__}")
+        self.records: list[Any] = records[:max_samples] if max_samples else records
+        self.image_root = images if images is not None else annotations.parent
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        if not isinstance(record, dict):
+            raise self.malformed(index, f"expected an object, found {type(record).__name__}")
+        images, messages = self.parse(record, index)
+        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+        if markers == 0 and images:
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[first] = {"role": "user", "content": IMAGE_SPAN * len(images) + " " + messages[first]["content"]}
+        elif markers != len(images):
+            raise self.malformed(index, f"{markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s)")
+        paths = [self.image_root / p for p in images]
+        return Sample(images=paths, messages=messages, source=self.source, index=index)
+
+    def approx_length(self, index: int) -> int:
+        """Characters of text (a cheap length for length-grouped batching, no image read)."""
+        record = self.records[index]
+        return len(json.dumps(record)) if isinstance(record, dict) else 0
+
+    def malformed(self, index: int, detail: str) -> SampleError:
+        return SampleError(MALFORMED_RECORD, self.source, index, detail)
+
+    def parse(self, record: dict, index: int) -> tuple[list[str], list[dict]]:
+        raise NotImplementedError
+
+    def _image_list(self, record: dict, index: int) -> list[str]:
+        image = record.get("image")
+        if image is None:
+            return []
+        images = [image] if isinstance(image, str) else image
+        if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+            raise self.malformed(index, f"'image' must be a file name or a list of them, found {image!r}")
+        return images
+
+
+class MiniGPT4QwenInstructions(JsonAnnotations):
+    """The seed's format: ``image``, ``instruction`` and ``output`` (strings or equal-length lists)."""
+
+    def parse(self, record: dict, index: int) -> tuple[list[str], list[dict]]:
+        if "video" in record:
+            raise self.malformed(index, "video records are not supported")
+        if "instruction" not in record or "output" not in record:
+            missing = [k for k in ("instruction", "output") if k not in record]
+            raise self.malformed(index, f"missing key(s) {', '.join(missing)}")
+        instruction, output = record["instruction"], record["output"]
+        if isinstance(instruction, str) and isinstance(output, str):
+            instruction, output = [instruction], [output]
+        if not (isinstance(instruction, list) and isinstance(output, list)) or len(instruction) != len(output) \
+                or not instruction:
+            raise self.malformed(index, "'instruction' and 'output' must both be strings or non-empty lists of "
+                                        "equal length")
+        if not all(isinstance(t, str) for t in [*instruction, *output]):
+            raise self.malformed(index, "every instruction and output must be a string")
+        messages: list[dict] = []
+        for question, answer in zip(instruction, output):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return self._image_list(record, index), messages
+
+
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class LlavaConversations(JsonAnnotations):
+    """LLaVA's format: ``conversations`` from human/gpt; ``<image>`` becomes ``<Img><ImageHere></Img>``."""
+
+    def parse(self, record: dict, index: int) -> tuple[list[str], list[dict]]:
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise self.malformed(index, "'conversations' must be a non-empty list")
+        messages: list[dict] = []
+        for turn_index, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("from") not in _LLAVA_ROLES \
+                    or not isinstance(turn.get("value"), str):
+                raise self.malformed(index, f"conversations[{turn_index}] must be {{from: human|gpt, value: str}}, "
+                                            f"found {turn!r}")
+            role = _LLAVA_ROLES[turn["from"]]
+            if not messages and role == "assistant":
+                continue  # like the seed: a conversation starts with the user
+            messages.append({"role": role, "content": turn["value"].replace("<image>", IMAGE_SPAN).strip()})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise self.malformed(index, "no answer (gpt turn) after a human turn")
+        return self._image_list(record, index), messages
+
+
+def _build_instructions(cfg: InstructionConfig, ctx: BuildContext) -> MiniGPT4QwenInstructions:
+    return MiniGPT4QwenInstructions("minigpt4qwen_instruction", cfg.annotations, cfg.images, cfg.weight,
+                                    cfg.max_samples)
+
+
+def _build_llava(cfg: LlavaConfig, ctx: BuildContext) -> LlavaConversations:
+    return LlavaConversations("llava_conversations", cfg.annotations, cfg.images, cfg.weight, cfg.max_samples)
+
+
+SPECS = [
+    ComponentSpec("minigpt4qwen_instruction", InstructionConfig, _build_instructions,
+                  "MiniGPT4Qwen's JSON (image, instruction, output)"),
+    ComponentSpec("llava_conversations", LlavaConfig, _build_llava,
+                  "LLaVA's JSON (image, conversations from human/gpt)"),
+]

@@ -1,0 +1,87 @@
+"""Bad data: why a sample was skipped, and the tally of skips reported at the end of a run.
+
+A dataset raises :class:`SampleError` (a :class:`~mllmkit.errors.DataError`) naming the cause, the
+annotation file and the record index. With ``[data] on_error = "skip"`` the sample is dropped and
+counted in a :class:`SkipReport`; with ``"fail"`` the error stops the run with that message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Iterable
+
+import attrs
+
+from mllmkit.errors import DataError
+
+__all__ = ["SampleError", "Skip", "SkipReport", "CAUSES",
+           "MISSING_IMAGE", "UNREADABLE_IMAGE", "MALFORMED_RECORD", "TOO_LONG"]
+
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+MALFORMED_RECORD = "malformed_record"
+TOO_LONG = "too_long"
+CAUSES = (MISSING_IMAGE, UNREADABLE_IMAGE, MALFORMED_RECORD, TOO_LONG)
+
+
+class SampleError(DataError):
+    """One record cannot be used: ``cause`` (one of :data:`CAUSES`), ``source`` file, record ``index``."""
+
+    def __init__(self, cause: str, source: str, index: int, detail: str) -> None:
+        self.cause, self.source, self.index, self.detail = cause, source, index, detail
+        super().__init__(f"{source} record {index}: {detail} ({cause})")
+
+
+@attrs.frozen
+class Skip:
+    """A skipped sample, as the collator hands it to the loop."""
+
+    cause: str
+    source: str
+    index: int
+    detail: str
+
+    @classmethod
+    def from_error(cls, error: SampleError) -> "Skip":
+        return cls(error.cause, error.source, error.index, error.detail)
+
+
+@attrs.define
+class SkipReport:
+    """Skipped samples, counted by cause; each (file, record) is reported once however often it was drawn."""
+
+    seen: dict[tuple[str, int], Skip] = attrs.Factory(dict)
+    draws: Counter = attrs.Factory(Counter)
+
+    def add(self, skips: Iterable[Skip]) -> None:
+        for skip in skips:
+            self.seen.setdefault((skip.source, skip.index), skip)
+            self.draws[skip.cause] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Distinct skipped records per cause."""
+        return dict(Counter(s.cause for s in self.seen.values()))
+
+    def merge(self, others: Iterable["SkipReport"]) -> None:
+        for other in others:
+            for key, skip in other.seen.items():
+                self.seen.setdefault(key, skip)
+            self.draws.update(other.draws)
+
+    def lines(self) -> list[str]:
+        return [f"{s.source} record {s.index}: {s.detail} ({s.cause})"
+                for s in sorted(self.seen.values(), key=lambda s: (s.source, s.index))]
+
+    def summary(self, limit: int = 20) -> str:
+        if not self.seen:
+            return "no samples skipped"
+        counts = ", ".join(f"{cause} {n}" for cause, n in sorted(self.counts().items()))
+        lines = self.lines()
+        more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
+        return "\n".join([f"skipped {len(self.seen)} record(s): {counts}", *("  " + l for l in lines[:limit]), *more])
+
+    def write_jsonl(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            for s in sorted(self.seen.values(), key=lambda s: (s.source, s.index)):
+                handle.write(json.dumps(attrs.asdict(s)) + "\n")

@@ -1,0 +1,233 @@
+"""The training loop: one function, :func:`train`, from a validated recipe to an exported model.
+
+Read it top to bottom: set up the backend, build the model and data, restore a checkpoint if asked,
+then for each optimizer step fetch this rank's micro-batches, let the engine step, log, evaluate
+and save. The backend (``single``, ``ddp``, DeepSpeed ones from plugins) does everything parallel:
+gradient sync, sharding of optimizer state, reductions of metrics across ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+import time
+from typing import Any
+
+import attrs
+import torch
+
+from mllmkit.data.collate import Collator, EncodedDataset, SampleEncoder
+from mllmkit.data.errors import Skip, SkipReport
+from mllmkit.data.sampling import epoch_order, group_by_length, rank_micro_batches, steps_per_epoch
+from mllmkit.errors import UserError
+from mllmkit.interfaces import BuildContext
+from mllmkit.recipe import Recipe
+from mllmkit.train.checkpoint import export, find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mllmkit.train.evaluate import exact_match
+from mllmkit.train.metrics import MetricsWriter
+from mllmkit.train.optim import build_adamw, make_lr_schedule
+
+__all__ = ["TrainResult", "train", "evaluate"]
+
+
+@attrs.frozen
+class TrainResult:
+    """What a run produced (on the main rank; other ranks get the same numbers)."""
+
+    run_dir: pathlib.Path
+    steps: int
+    losses: list[float]
+    """The true loss of every optimizer step this process ran (resumed runs: from the resume step on)."""
+    eval: dict[str, Any] | None
+    export_dir: pathlib.Path | None
+    skipped: dict[str, int]
+
+
+def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None) -> TrainResult:
+    """Train as the recipe says, writing metrics, checkpoints and the export into ``run_dir``."""
+    settings, data = recipe.train, recipe.data
+    run_dir = pathlib.Path(run_dir)
+    backend = recipe.parallel.spec.build(recipe.parallel.config, BuildContext(key="parallel", recipe_dir=recipe.dir,
+                                                                              recipe=recipe))
+    backend.setup()
+    try:
+        if backend.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        backend.barrier()
+
+        # -- model (same seed on every rank, so frozen weights are identical without a broadcast) --
+        from mllmkit.assemble import assemble
+
+        torch.manual_seed(settings.seed)
+        model = assemble(recipe)
+        if settings.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing"):
+            model.llm.gradient_checkpointing(True)
+
+        # -- data --
+        context = BuildContext(key="data", recipe_dir=recipe.dir, model=model, recipe=recipe)
+        datasets = [c.spec.build(c.config, attrs.evolve(context, key=c.key)) for c in recipe.train_data]
+        eval_sets = [c.spec.build(c.config, attrs.evolve(context, key=c.key)) for c in recipe.eval_data]
+        if not datasets:
+            raise UserError("the recipe has no training data; add a [[data.train]] table")
+        weights = [getattr(c.config, "weight", 1.0) for c in recipe.train_data]
+        sizes = [len(d) for d in datasets]
+        template = model.llm.template
+        encoder = SampleEncoder(template, model.tokens_per_image, model.vision.image_transform(data.augment),
+                                settings.max_text_len, system=data.system)
+        eval_encoder = SampleEncoder(template, model.tokens_per_image, model.vision.image_transform(False),
+                                     settings.max_text_len, system=data.system)
+        samples = EncodedDataset(datasets, encoder, data.on_error)
+        mb, accum, world = settings.micro_batch_size, settings.grad_accum, backend.world_size
+        draws_per_epoch = len(epoch_order(sizes, weights, settings.seed, 0))
+        per_epoch = steps_per_epoch(draws_per_epoch, mb, accum, world)
+        if per_epoch == 0:
+            raise UserError(f"the training data has {draws_per_epoch} samples per epoch, fewer than one global batch "
+                            f"(micro_batch_size {mb} × grad_accum {accum} × {world} process(es)); lower them")
+        total_steps = settings.max_steps or settings.epochs * per_epoch
+
+        # -- engine: the backend wraps the model, builds AdamW and steps it on the schedule --
+        engine = backend.prepare(model, functools.partial(build_adamw, train=settings),
+                                 make_lr_schedule(settings, total_steps), settings)
+
+        # -- resume --
+        skips = SkipReport()
+        checkpoint = find_resume(resume, run_dir)
+        if checkpoint is not None:
+            engine_state, trainer_state, rng_states = load_checkpoint(checkpoint)
+            engine.load_state_dict(engine_state)
+            set_rng_state(rng_states[backend.rank] if len(rng_states) == world else rng_states[0])
+            skips.add(Skip(**s) for s in trainer_state.get("skips", []))
+            if backend.is_main:
+                print(f"resumed from {checkpoint} at step {engine.step}", file=sys.stderr)
+        elif resume is not None and backend.is_main:
+            print(f"--resume {resume}: no checkpoint in {run_dir}, starting from scratch", file=sys.stderr)
+
+        metrics = MetricsWriter(run_dir, backend.is_main, settings.tensorboard, resume_step=engine.step)
+        progress = _progress(backend.is_main, total_steps, engine.step)
+        losses: list[float] = []
+        window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
+        eval_result = None
+
+        def save() -> None:
+            trainer_state = {"step": engine.step, "epoch": engine.step // per_epoch,
+                             "step_in_epoch": engine.step % per_epoch, "total_steps": total_steps,
+                             "skips": [attrs.asdict(s) for s in skips.seen.values()]}
+            state, rngs = engine.state_dict(), backend.all_gather_object(rng_state())
+            if backend.is_main:
+                save_checkpoint(run_dir, state, trainer_state, rngs, settings.keep_last)
+            backend.barrier()
+
+        # -- the loop: epochs of planned draws, one optimizer step at a time --
+        while engine.step < total_steps:
+            epoch, first = divmod(engine.step, per_epoch)
+            order = epoch_order(sizes, weights, settings.seed, epoch)
+            if data.group_by_length:
+                order = group_by_length(order, [_length(datasets[d], i) for d, i, _ in order], mb)
+            last = min(per_epoch, first + total_steps - engine.step)
+            plan = [rank_micro_batches(order, s, mb, accum, world, backend.rank) for s in range(first, last)]
+            loader = torch.utils.data.DataLoader(samples, batch_sampler=[m for step in plan for m in step],
+                                                 collate_fn=Collator(template.pad_token_id),
+                                                 num_workers=data.num_workers)
+            batches = iter(loader)
+            for _ in plan:
+                micro_batches = [next(batches) for _ in range(accum)]
+                skips.add(s for b in micro_batches for s in b.skips)
+                out = engine.train_step(micro_batches)
+                losses.append(out["loss"])
+                for key in ("samples", "tokens"):
+                    window[key] += out[key]
+                window["loss"] += out["loss"]
+                window["steps"] += 1
+                step = engine.step
+                progress.update(1)
+                if step % settings.log_every == 0 or step == total_steps:
+                    elapsed = max(time.perf_counter() - window["time"], 1e-9)
+                    record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": window["loss"] / window["steps"],
+                              "lr": out["lr"], "grad_norm": out["grad_norm"],
+                              "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
+                              "skipped": skips.counts()}
+                    metrics.write(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                                         samples_s=f"{record['samples_per_s']:.1f}",
+                                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                    window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
+                if settings.eval_every and step % settings.eval_every == 0 and step < total_steps and eval_sets:
+                    metrics.write({"step": step, **evaluate(engine, backend, eval_sets, eval_encoder, settings)})
+                if settings.save_every and step % settings.save_every == 0 and step < total_steps:
+                    save()
+        progress.close()
+
+        # -- the end: final checkpoint, evaluation, export, skip report --
+        save()
+        if eval_sets:
+            eval_result = evaluate(engine, backend, eval_sets, eval_encoder, settings)
+            metrics.write({"step": engine.step, **eval_result})
+        for report in backend.all_gather_object(skips):
+            skips.merge([report])
+        export_dir = None
+        if backend.is_main:
+            export_dir = export(run_dir, model.trainable_state_dict(), recipe.to_dict())
+            skips.write_jsonl(run_dir / "skipped.jsonl")
+            if skips.seen:
+                print(skips.summary(), file=sys.stderr)
+        metrics.close()
+        backend.barrier()
+        return TrainResult(run_dir=run_dir, steps=engine.step, losses=losses, eval=eval_result,
+                           export_dir=export_dir, skipped=skips.counts())
+    finally:
+        backend.shutdown()
+
+
+def evaluate(engine, backend, eval_sets, encoder: SampleEncoder, settings) -> dict[str, Any]:
+    """Held-out loss (per labelled token) and exact-match accuracy, summed over ranks."""
+    model = engine.model
+    loss_sum = tokens = 0.0
+    correct = total = 0
+    examples: list[dict] = []
+    collate = Collator(encoder.template.pad_token_id)
+    chance = []
+    for dataset in eval_sets:
+        mine = list(range(backend.rank, len(dataset), backend.world_size))
+        for start in range(0, len(mine), settings.micro_batch_size * 4):
+            items = []
+            for index in mine[start:start + settings.micro_batch_size * 4]:
+                try:
+                    items.append(encoder(dataset[index]))
+                except UserError:
+                    continue  # unusable held-out samples are left out of the scores
+            s, n = engine.eval_loss(collate(items))
+            loss_sum, tokens = loss_sum + s, tokens + n
+        picked = []
+        for index in mine:
+            try:
+                picked.append(dataset[index])
+            except UserError:
+                continue
+        c, t, ex = exact_match(model, picked, encoder, model.llm.tokenizer, settings.eval_max_new_tokens,
+                               engine.device)
+        correct, total, examples = correct + c, total + t, examples + ex
+        if hasattr(dataset, "chance_accuracy"):
+            chance.append((dataset.chance_accuracy(), len(dataset)))
+    sums = backend.all_reduce(torch.tensor([loss_sum, tokens, correct, total], dtype=torch.float64)).tolist()
+    result: dict[str, Any] = {"eval_loss": sums[0] / max(sums[1], 1.0), "eval_accuracy": sums[2] / max(sums[3], 1.0),
+                              "eval_questions": int(sums[3]), "eval_examples": examples[:4]}
+    if chance:
+        result["chance_accuracy"] = sum(a * n for a, n in chance) / sum(n for _, n in chance)
+    return result
+
+
+def _length(dataset, index: int) -> int:
+    """A cheap length for grouping: the dataset's own estimate, else the text length of the sample."""
+    if hasattr(dataset, "approx_length"):
+        return int(dataset.approx_length(index))
+    try:
+        return sum(len(m["content"]) for m in dataset[index].messages)
+    except UserError:
+        return 0
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
