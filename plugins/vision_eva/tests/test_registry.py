@@ -36,3 +36,19 @@ def test_image_size_must_be_a_multiple_of_the_patch(plugin_host):
 def test_unknown_option_is_rejected(plugin_host):
     with pytest.raises(UserError, match="num_layers"):
         mllmkit.build("vision", "eva_vit_g", num_layers=38)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_assembled_with_the_core_mllm(plugin_host, toy_recipe, tiny_ckpt, precision):
+    import torch
+
+    toy_recipe["model"]["vision"] = {"type": "eva_tiny", "weights": str(tiny_ckpt), "precision": precision}
+    model = mllmkit.assemble(toy_recipe)
+    model.train()
+    assert not model.vision.training and not any(p.requires_grad for p in model.vision.parameters())
+    assert model.tokens_per_image == 17
+    pixels = torch.randn(2, 3, 56, 56)
+    embeds = model.encode_images(pixels)
+    assert embeds.shape[:2] == (2, 17)
+    embeds.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.bridges.parameters())
