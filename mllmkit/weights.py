@@ -193,4 +193,5 @@ def materialize_meta(module: nn.Module, device: torch.device | str = "cpu") -> N
                                                 requires_grad=param.requires_grad))
         for name, buf in list(sub.named_buffers(recurse=False)):
             if buf is not None and buf.is_meta:
-                sub.register_buffer(name, torch.zeros_like(buf, device=device))
+                sub.register_buffer(name, torch.zeros_like(buf, device=device),
+                                    persistent=name not in sub._non_persistent_buffers_set)
