@@ -27,7 +27,6 @@ import logging
 import pathlib
 from typing import Any, Literal
 
-import attrs
 import torch
 
 from mllmkit.config import Precision, config, torch_dtype
@@ -36,14 +35,27 @@ from mllmkit.hf_llm import HFCausalLM
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
 from mllmkit.weights import WeightsError, checkpoint_files, iter_tensors, load_into
-
-from mllmkit_llm_qwen.convert import (QWEN2_KEYS, QWEN_V1_KEYS, qwen_v1_fields, qwen_v1_hf_config,
-                                      qwen_v1_max_positions, read_config)
+from mllmkit_llm_qwen.convert import (
+    QWEN2_KEYS,
+    QWEN_V1_KEYS,
+    qwen_v1_fields,
+    qwen_v1_hf_config,
+    qwen_v1_max_positions,
+    read_config,
+)
 from mllmkit_llm_qwen.template import DEFAULT_SYSTEM, ChatMLTemplate
-from mllmkit_llm_qwen.tokenizer import (ENDOFTEXT, IM_END, IM_START, QwenTokenizer, TokenizersTokenizer,
-                                        qwen_v1_tokenizer, tiny_ranks, tiny_tokenizer)
+from mllmkit_llm_qwen.tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    QwenTokenizer,
+    TokenizersTokenizer,
+    qwen_v1_tokenizer,
+    tiny_ranks,
+    tiny_tokenizer,
+)
 
-__all__ = ["QwenConfig", "PRESETS", "build_qwen", "qwen_dims", "SPECS"]
+__all__ = ["PRESETS", "SPECS", "QwenConfig", "build_qwen", "qwen_dims"]
 
 logger = logging.getLogger(__name__)
 

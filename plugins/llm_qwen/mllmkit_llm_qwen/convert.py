@@ -18,14 +18,21 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
 from mllmkit.weights import KeyMap, WeightsError
 
-__all__ = ["read_config", "qwen_v1_fields", "qwen_v1_hf_config", "qwen_v1_max_positions", "QWEN_V1_KEYS",
-           "QWEN2_KEYS"]
+__all__ = [
+    "QWEN2_KEYS",
+    "QWEN_V1_KEYS",
+    "qwen_v1_fields",
+    "qwen_v1_hf_config",
+    "qwen_v1_max_positions",
+    "read_config",
+]
 
 # (field, later spelling, first-release spelling); the first present wins.
 _FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -12,12 +12,12 @@ the image placeholder (via :func:`mllmkit.template.text_pieces`); user text is a
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mllmkit.errors import DataError
 from mllmkit.template import Message, Piece, text_pieces
 
-__all__ = ["ChatMLTemplate", "DEFAULT_SYSTEM"]
+__all__ = ["DEFAULT_SYSTEM", "ChatMLTemplate"]
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 

@@ -15,8 +15,19 @@ import torch
 
 from mllmkit_llm_qwen.tokenizer import tiny_ranks
 
-__all__ = ["HIDDEN", "LAYERS", "HEADS", "FFN", "VOCAB", "SEQ", "LATER_CONFIG", "FIRST_RELEASE_CONFIG",
-           "v1_state_dict", "write_tiktoken", "write_v1_folder"]
+__all__ = [
+    "FFN",
+    "FIRST_RELEASE_CONFIG",
+    "HEADS",
+    "HIDDEN",
+    "LATER_CONFIG",
+    "LAYERS",
+    "SEQ",
+    "VOCAB",
+    "v1_state_dict",
+    "write_tiktoken",
+    "write_v1_folder",
+]
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB, SEQ = 32, 2, 4, 48, 640, 24
 

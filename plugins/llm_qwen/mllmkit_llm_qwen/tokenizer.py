@@ -19,16 +19,26 @@ import base64
 import binascii
 import collections
 import functools
+import itertools
 import pathlib
 import re
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
 from mllmkit.weights import WeightsError
 
 __all__ = [
-    "QWEN_PATTERN", "ENDOFTEXT", "IM_START", "IM_END", "SPECIAL_TOKENS", "QwenTokenizer",
-    "TokenizersTokenizer", "read_tiktoken_ranks", "qwen_v1_tokenizer", "tiny_tokenizer", "tiny_ranks",
+    "ENDOFTEXT",
+    "IM_END",
+    "IM_START",
+    "QWEN_PATTERN",
+    "SPECIAL_TOKENS",
+    "QwenTokenizer",
+    "TokenizersTokenizer",
+    "qwen_v1_tokenizer",
+    "read_tiktoken_ranks",
+    "tiny_ranks",
+    "tiny_tokenizer",
 ]
 
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -138,7 +148,7 @@ system user assistant system user assistant system user assistant <Img></Img> <I
 TINY_MERGES = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_ranks(num_merges: int = TINY_MERGES) -> dict[bytes, int]:
     """The 256 single bytes, then ``num_merges`` BPE merges learned from :data:`TINY_TEXT`.
 
@@ -152,7 +162,7 @@ def tiny_ranks(num_merges: int = TINY_MERGES) -> dict[bytes, int]:
     for _ in range(num_merges):
         pairs: collections.Counter[tuple[bytes, bytes]] = collections.Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += count
         if not pairs:
             break
@@ -176,7 +186,7 @@ def tiny_ranks(num_merges: int = TINY_MERGES) -> dict[bytes, int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer() -> QwenTokenizer:
     """``qwen_tiny``'s tokenizer: :func:`tiny_ranks` + Qwen's special tokens right after them."""
     return QwenTokenizer(dict(tiny_ranks()), name="qwen_tiny")

@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mllmkit_llm_qwen.tiny_folders import v1_state_dict, write_v1_folder  # noqa: E402
+from mllmkit_llm_qwen.tiny_folders import v1_state_dict, write_v1_folder
 
 
 @pytest.fixture(scope="session")

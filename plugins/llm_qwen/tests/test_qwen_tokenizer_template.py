@@ -5,10 +5,10 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-
-from mllmkit.template import IGNORE_INDEX, SampleTooLong, encode_pieces
 from mllmkit_llm_qwen.template import ChatMLTemplate
 from mllmkit_llm_qwen.tokenizer import qwen_v1_tokenizer, read_tiktoken_ranks, tiny_ranks, tiny_tokenizer
+
+from mllmkit.template import IGNORE_INDEX, SampleTooLong, encode_pieces
 from mllmkit.weights import WeightsError
 
 REAL_TIKTOKEN = pathlib.Path(__file__).resolve().parents[3].parent / "shared" / "formats" / "qwen.tiktoken"

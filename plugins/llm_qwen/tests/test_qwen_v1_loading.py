@@ -9,12 +9,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mllmkit_llm_qwen.components import QwenConfig, qwen_dims
+from mllmkit_llm_qwen.tiny_folders import (
+    FIRST_RELEASE_CONFIG,
+    HEADS,
+    HIDDEN,
+    LATER_CONFIG,
+    LAYERS,
+    SEQ,
+    VOCAB,
+    write_v1_folder,
+)
 
 import mllmkit
 from mllmkit.weights import WeightsError
-from mllmkit_llm_qwen.components import QwenConfig, qwen_dims
-
-from mllmkit_llm_qwen.tiny_folders import FIRST_RELEASE_CONFIG, HEADS, HIDDEN, LATER_CONFIG, LAYERS, SEQ, VOCAB, write_v1_folder
 
 
 def reference_qwen_v1_logits(sd: dict[str, torch.Tensor], ids: torch.Tensor, base: float = 5000.0,
