@@ -86,7 +86,7 @@ def test_image_token_option(tmp_path, tokenizer_file):
     assert build_baichuan(Baichuan2Config(path=folder, image_token="<reserved_110>")).template.image_token_id == 199
     with pytest.raises(UserError, match=r"baichuan2\.image_token: '<reserved_106>' \(id 195\) is a turn/eos/pad token"):
         build_baichuan(Baichuan2Config(path=folder, image_token="<reserved_106>"))
-    with pytest.raises(UserError, match=r"'cat' \(id \d+\) is ordinary text"):
-        build_baichuan(Baichuan2Config(path=folder, image_token="cat"))
+    with pytest.raises(UserError, match=r"'▁the' \(id \d+\) is ordinary text"):
+        build_baichuan(Baichuan2Config(path=folder, image_token="▁the"))
     with pytest.raises(UserError, match=r"'<nope>' is not a piece of .*tokenizer\.model"):
         build_baichuan(Baichuan2Config(path=folder, image_token="<nope>"))
