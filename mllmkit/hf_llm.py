@@ -67,9 +67,9 @@ class HFCausalLM(nn.Module):
 
     def gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
-            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.hf_model.gradient_checkpointing_disable()
+            self.hf_model.activation_checkpointing_disable()
 
     def _check_length(self, length: int) -> None:
         if self.max_positions is not None and length > self.max_positions:

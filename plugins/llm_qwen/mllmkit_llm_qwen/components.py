@@ -89,23 +89,44 @@ class QwenConfig:
     image_token: str | None = None
 
 
-def _raw_config(cfg: QwenConfig) -> tuple[dict[str, Any], str]:
+def _raw_config(cfg: QwenConfig, *, building: bool = True) -> tuple[dict[str, Any], str]:
+    """The model config: the folder's config.json, else the preset.
+
+    With both ``path`` and ``preset``, the preset states the expected architecture: ``mllmkit check``
+    works before the weights are downloaded, and a downloaded folder of another size is an error.
+    """
     if cfg.path is not None:
+        folder = pathlib.Path(cfg.path)
+        if not (folder / "config.json").is_file() and cfg.preset is not None and not building:
+            return dict(PRESETS[cfg.preset]), f"preset {cfg.preset} (folder {folder} not present yet)"
+        raw, source = read_config(folder), str(folder / "config.json")
         if cfg.preset is not None:
-            raise UserError(f"qwen: give `path` or `preset`, not both (path = {cfg.path}, preset = {cfg.preset})")
-        return read_config(cfg.path), str(pathlib.Path(cfg.path) / "config.json")
+            _check_matches_preset(raw, source, cfg.preset)
+        return raw, source
     if cfg.preset is None:
         raise UserError("qwen: set `path` (a downloaded Qwen model folder) or `preset` "
                         "(qwen7b_chat, qwen14b_chat, qwen_tiny: random weights)")
     return dict(PRESETS[cfg.preset]), f"preset {cfg.preset}"
 
 
-def qwen_dims(cfg: QwenConfig, ctx: BuildContext | None = None) -> PartDims:
-    """The hidden size from the preset or the folder's config.json (no weights read)."""
-    raw, source = _raw_config(cfg)
+def _check_matches_preset(raw: dict[str, Any], source: str, preset: str) -> None:
+    found = _hidden_size(raw, source)
+    expected = _hidden_size(dict(PRESETS[preset]), f"preset {preset}")
+    if found != expected:
+        raise UserError(f"qwen: {source} describes a model with hidden size {found}, but preset = {preset!r} "
+                        f"expects {expected}; fix the preset or the path")
+
+
+def _hidden_size(raw: dict[str, Any], source: str) -> int:
     if raw.get("model_type") == "qwen2":
-        return PartDims(out_dim=int(raw["hidden_size"]))
-    return PartDims(out_dim=int(qwen_v1_fields(raw, source)["hidden_size"]))
+        return int(raw["hidden_size"])
+    return int(qwen_v1_fields(raw, source)["hidden_size"])
+
+
+def qwen_dims(cfg: QwenConfig, ctx: BuildContext | None = None) -> PartDims:
+    """The hidden size from the folder's config.json or the preset (no weights read)."""
+    raw, source = _raw_config(cfg, building=False)
+    return PartDims(out_dim=_hidden_size(raw, source))
 
 
 @contextlib.contextmanager

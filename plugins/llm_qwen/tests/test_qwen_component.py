@@ -125,3 +125,19 @@ def test_qwen2_image_token_option_and_refusal(tmp_path):
     assert llm.template.image_token_id == tok.token_to_id("<|vision_pad|>")
     with pytest.raises(UserError, match=r"image_token '<\|nope\|>' is not a token of"):
         mllmkit.build("llm", "qwen", path=str(folder), image_token="<|nope|>")
+
+
+def test_path_and_preset_checks_before_download_and_after(tmp_path):
+    """With both, `mllmkit check` works before the folder exists; a folder of another size is refused."""
+    from mllmkit.errors import UserError
+    from mllmkit_llm_qwen.components import QwenConfig, qwen_dims
+
+    missing = QwenConfig(path=tmp_path / "Qwen-7B-Chat", preset="qwen7b_chat")
+    assert qwen_dims(missing).out_dim == 4096
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 64}')
+    with pytest.raises(UserError) as info:
+        qwen_dims(QwenConfig(path=folder, preset="qwen7b_chat"))
+    assert str(info.value) == (f"qwen: {folder / 'config.json'} describes a model with hidden size 64, but "
+                               "preset = 'qwen7b_chat' expects 4096; fix the preset or the path")
