@@ -138,3 +138,42 @@ def test_lookup_is_exact(core_plugin_host):
 def test_plugins_are_not_loaded_at_import():
     code = "import sys, mllmkit; print(any(m.startswith('mllmkit_') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+class _EveryHook:
+    """One plugin implementing every registration hook of the contract."""
+
+    @staticmethod
+    def _spec(name, dims=None):
+        @config
+        class Options:
+            size: int = 3
+        return ComponentSpec(name, Options, lambda cfg, ctx: (name, cfg.size), f"the {name}", dims=dims)
+
+    @mllmkit.hookimpl
+    def mllmkit_register_vision_encoders(self):
+        return [self._spec("v", dims=lambda cfg, ctx: PartDims(out_dim=cfg.size, out_tokens=1))]
+
+    @mllmkit.hookimpl
+    def mllmkit_register_bridges(self):
+        return [self._spec("b", dims=lambda cfg, ctx: PartDims(out_dim=cfg.size))]
+
+    @mllmkit.hookimpl
+    def mllmkit_register_llms(self):
+        return [self._spec("l", dims=lambda cfg, ctx: PartDims(out_dim=cfg.size))]
+
+    @mllmkit.hookimpl
+    def mllmkit_register_datasets(self):
+        return [self._spec("d")]
+
+    @mllmkit.hookimpl
+    def mllmkit_register_parallel_backends(self):
+        return [self._spec("p")]
+
+
+def test_every_registration_hook_fills_its_kind():
+    host = build_plugin_host(entry_points=[], extra_plugins=[("every", _EveryHook())])
+    assert {kind: host.registry.names(kind) for kind in ("vision", "bridge", "llm", "dataset", "parallel")} == {
+        "vision": ["v"], "bridge": ["b"], "llm": ["l"], "dataset": ["d"], "parallel": ["p"]}
+    spec = host.registry.get("dataset", "d")
+    assert spec.distribution == "every" and spec.build(spec.config(size=5), None) == ("d", 5)
