@@ -97,6 +97,38 @@ class MLLM(nn.Module):
             feats = bridge(feats)
         return feats
 
+    def frozen_prefix(self) -> int:
+        """How many leading bridges are frozen after a frozen vision encoder (-1: the vision trains)."""
+        if self.trainable_parts.get("vision", False):
+            return -1
+        count = 0
+        for i in range(len(self.bridges)):
+            if self.trainable_parts.get(f"bridges.{i}", False):
+                break
+            count += 1
+        return count
+
+    @torch.no_grad()
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The output of the frozen vision encoder and frozen leading bridges (cacheable when the
+        images are not augmented): ``encode_images(p) == features_to_embeds(image_features(p))``."""
+        prefix = self.frozen_prefix()
+        if prefix < 0:
+            raise ValueError("image_features needs a frozen vision encoder (its output would change in training)")
+        vision_param = next(self.vision.parameters(), None)
+        if vision_param is not None:
+            pixels = pixels.to(device=vision_param.device, dtype=vision_param.dtype)
+        feats = self.vision(pixels)
+        for bridge in self.bridges[:prefix]:
+            feats = bridge(feats)
+        return feats
+
+    def features_to_embeds(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply the bridges after the frozen prefix to :meth:`image_features` output."""
+        for bridge in self.bridges[max(self.frozen_prefix(), 0):]:
+            features = bridge(features)
+        return features
+
     def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image placeholder rows replaced by image embeddings, in order."""
