@@ -1,0 +1,71 @@
+"""Recipe options of the ``zero`` and ``pipeline`` backends (the ``[parallel]`` table).
+
+Optimizer, schedule, batch sizes, clipping and precision come from ``[train]`` so a recipe means
+the same thing under every backend; these tables only hold what is DeepSpeed-specific.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from mllmkit.config import ConfigValueError, config, non_negative, positive
+
+__all__ = ["ZeroConfig", "PipelineConfig"]
+
+
+def _stage_map(instance: Any, attribute: attrs.Attribute, value: list[int] | None) -> None:
+    if value is None:
+        return
+    if len(value) != instance.num_stages:
+        raise ConfigValueError(attribute.name, f"has {len(value)} entries but num_stages = {instance.num_stages}; "
+                                               f"give one decoder-layer count per stage")
+    if any(n < 0 for n in value):
+        raise ConfigValueError(attribute.name, f"expected decoder-layer counts >= 0, found {value}")
+
+
+@config
+class ZeroConfig:
+    """Options of ``zero`` (DeepSpeed ZeRO data parallel)."""
+
+    stage: int = attrs.field(default=2, validator=attrs.validators.in_([0, 1, 2, 3]))
+    """ZeRO stage: 0 plain DP, 1 shards optimizer state, 2 + gradients, 3 + trainable parameters."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer state (and its step) on the CPU (DeepSpeedCPUAdam; stages 1–3)."""
+    pin_memory: bool = True
+    """Pinned host memory for the offloaded optimizer state."""
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = attrs.field(default=200_000_000, validator=positive)
+    allgather_bucket_size: int = attrs.field(default=200_000_000, validator=positive)
+    sub_group_size: int = attrs.field(default=1_000_000_000, validator=positive)
+    timeout_s: int = attrs.field(default=600, validator=positive)
+    """A collective waiting longer than this (a rank died) raises instead of hanging."""
+    extra: dict = attrs.Factory(dict)
+    """Raw DeepSpeed config entries merged last (expert use; e.g. {"wall_clock_breakdown": true})."""
+
+
+@config
+class PipelineConfig:
+    """Options of ``pipeline`` (DeepSpeed pipeline parallel; data parallel = world size / num_stages)."""
+
+    num_stages: int = attrs.field(default=2, validator=positive)
+    stage_map: list[int] | None = attrs.field(default=None, validator=_stage_map)
+    """Decoder layers per stage, e.g. [19, 21]; stage 0 also holds vision + bridges + embedding, the
+    last stage the final norm + head. Unset: partition by estimated cost (parameters and FLOPs)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (less activation memory)."""
+    meta_init: bool = True
+    """Build the model with parameters on the meta device and materialise only this rank's stage
+    (random-weight presets: initialised on the device; parts loaded from files: the rest is freed)."""
+    zero_stage: int = attrs.field(default=0, validator=attrs.validators.in_([0, 1]))
+    """ZeRO with a pipeline: 0 or 1 (DeepSpeed refuses 2/3). 1 needs a trainable parameter on every stage."""
+    plan_seq_len: int | None = attrs.field(default=None, validator=positive)
+    """Sequence length the cost model assumes; unset = train.max_text_len."""
+    images_per_sample: float = attrs.field(default=1.0, validator=non_negative)
+    """Images per sample the cost model assumes."""
+    timeout_s: int = attrs.field(default=600, validator=positive)
+    """A collective or stage-to-stage transfer waiting longer than this raises instead of hanging."""
+    extra: dict = attrs.Factory(dict)
+    """Raw DeepSpeed config entries merged last (expert use)."""
