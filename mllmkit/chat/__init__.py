@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from mllmkit.chat.settings import GenerationSettings
 from mllmkit.chat.session import ChatSession
+from mllmkit.chat.settings import GenerationSettings
 
-__all__ = ["chat_session", "ChatSession", "GenerationSettings"]
+__all__ = ["ChatSession", "GenerationSettings", "chat_session"]
 
 
 def chat_session(recipe: Any, *, checkpoint: str | pathlib.Path | None = None, device: str | None = None,
@@ -33,8 +34,6 @@ def chat_session(recipe: Any, *, checkpoint: str | pathlib.Path | None = None, d
         for piece in session.stream("What colour is it?"):
             print(piece, end="", flush=True)
     """
-    import attrs
-
     from mllmkit.chat.loading import load_chat_model
 
     model, loaded = load_chat_model(recipe, checkpoint=checkpoint, device=device, precision=precision,

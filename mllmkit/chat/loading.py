@@ -10,15 +10,22 @@ expected names; the seed's fine-tuned-LLM file (``llm_model.transformer.*``) is 
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from mllmkit.errors import UserError
 from mllmkit.weights import KeyMap, WeightsError, load_into
 
-__all__ = ["load_trained_weights", "seed_projection_index", "resolve_device", "place_model", "load_chat_model",
-           "DTYPES"]
+__all__ = [
+    "DTYPES",
+    "load_chat_model",
+    "load_trained_weights",
+    "place_model",
+    "resolve_device",
+    "seed_projection_index",
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUPPORTED = ("supported: an mllmkit export folder or its trainable.safetensors (keys named like the model's "
@@ -115,8 +122,7 @@ def load_chat_model(recipe: Any, *, checkpoint: str | pathlib.Path | None = None
 
     source, export = _recipe_and_export(recipe)
     if not isinstance(source, Recipe):
-        source = load_recipe(source, list(overrides)) if not isinstance(source, Mapping) else load_recipe(
-            source, list(overrides))
+        source = load_recipe(source, list(overrides))
     model = assemble(source)
     checkpoint = checkpoint or source.chat.checkpoint or export
     if checkpoint is not None:

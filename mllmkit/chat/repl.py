@@ -8,13 +8,14 @@ wrong image path, a bad ``:conf`` value) print an ``error:`` line and the loop g
 from __future__ import annotations
 
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from mllmkit.chat.session import ChatSession
 from mllmkit.chat.settings import GenerationSettings
 from mllmkit.errors import UserError
 
-__all__ = ["run_repl", "HELP"]
+__all__ = ["HELP", "run_repl"]
 
 HELP = """\
 Commands:

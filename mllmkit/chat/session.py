@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import pathlib
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -37,7 +38,7 @@ from mllmkit.chat.streaming import QueueStreamer, cut_at_stop
 from mllmkit.errors import UserError
 from mllmkit.template import IMAGE_MARKER, IMAGE_SPAN, encode_pieces
 
-__all__ = ["ChatSession", "ChatImage", "Turn", "PromptTooLong", "load_image"]
+__all__ = ["ChatImage", "ChatSession", "PromptTooLong", "Turn", "load_image"]
 
 
 class PromptTooLong(UserError):
@@ -98,7 +99,7 @@ class ChatSession:
         self.last_dropped_turns = 0
 
     @classmethod
-    def like(cls, other: "ChatSession") -> "ChatSession":
+    def like(cls, other: ChatSession) -> ChatSession:
         """A new, empty session on the same model with the same settings (e.g. one per browser tab)."""
         return cls(other.model, settings=other.settings, system=other.system,
                    max_window_tokens=other.max_window_tokens)
@@ -203,11 +204,11 @@ class ChatSession:
         from transformers import GenerationConfig
 
         s = self.settings
-        options: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens, do_sample=s.do_sample, num_beams=s.num_beams,
-            repetition_penalty=s.repetition_penalty, eos_token_id=list(self.template.stop_token_ids),
-            pad_token_id=self.template.pad_token_id, use_cache=True,
-        )
+        options: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens, "do_sample": s.do_sample, "num_beams": s.num_beams,
+            "repetition_penalty": s.repetition_penalty, "eos_token_id": list(self.template.stop_token_ids),
+            "pad_token_id": self.template.pad_token_id, "use_cache": True,
+        }
         if s.do_sample:
             options.update(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p)
         else:
@@ -256,7 +257,7 @@ class ChatSession:
                     self.llm.hf_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                                generation_config=config, streamer=streamer,
                                                stopping_criteria=StoppingCriteriaList([streamer.cancelled]))
-            except BaseException as exc:  # handed to the consumer
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
                 streamer.fail(exc)
 
         worker = threading.Thread(target=work, name="mllmkit-generate", daemon=True)

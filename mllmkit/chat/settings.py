@@ -38,7 +38,7 @@ class GenerationSettings:
     """Random seed set before every answer (None = not reseeded)."""
 
     @classmethod
-    def from_chat_section(cls, chat: Any) -> "GenerationSettings":
+    def from_chat_section(cls, chat: Any) -> GenerationSettings:
         """The settings a recipe's ``[chat]`` section gives."""
         names = [f.name for f in attrs.fields(cls)]
         return cls(**{name: getattr(chat, name) for name in names if hasattr(chat, name)})
@@ -47,7 +47,7 @@ class GenerationSettings:
     def names(cls) -> list[str]:
         return [f.name for f in attrs.fields(cls)]
 
-    def with_value(self, name: str, text: str | Any) -> "GenerationSettings":
+    def with_value(self, name: str, text: str | Any) -> GenerationSettings:
         """A copy with ``name`` set from ``text`` (converted to the field's type and validated)."""
         fields = {f.name: f for f in attrs.fields(type(self))}
         if name not in fields:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -62,7 +62,7 @@ class QueueStreamer:
 
     def __init__(self, decode: Callable[[Sequence[int]], str], stop_ids: Sequence[int]) -> None:
         self.decoder = IncrementalDecoder(decode)
-        self.stop_ids = set(int(i) for i in stop_ids)
+        self.stop_ids = {int(i) for i in stop_ids}
         self.queue: queue.Queue = queue.Queue()
         self._prompt_seen = False
         self._stopped = False

@@ -13,12 +13,13 @@ do_sample, num_beams, temperature, top_k, top_p, max_new_tokens, system prompt),
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from mllmkit.chat.session import ChatSession
 from mllmkit.errors import UserError
 
-__all__ = ["require_gradio", "build_app", "launch", "check_upload"]
+__all__ = ["build_app", "check_upload", "launch", "require_gradio"]
 
 
 def require_gradio():
