@@ -60,7 +60,8 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         from mllmkit.assemble import assemble
 
         torch.manual_seed(settings.seed)
-        model = assemble(recipe)
+        # a backend may build the model itself (the pipeline: parameters on the meta device first)
+        model = backend.assemble(recipe) if hasattr(backend, "assemble") else assemble(recipe)
         if settings.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing"):
             model.llm.gradient_checkpointing(True)
 
@@ -109,7 +110,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
         eval_result = None
 
-        def save() -> None:
+        def save() -> dict[str, Any]:
             trainer_state = {"step": engine.step, "epoch": engine.step // per_epoch,
                              "step_in_epoch": engine.step % per_epoch, "total_steps": total_steps,
                              "skips": [attrs.asdict(s) for s in skips.seen.values()]}
@@ -117,6 +118,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
             if backend.is_main:
                 save_checkpoint(run_dir, state, trainer_state, rngs, settings.keep_last)
             backend.barrier()
+            return state
 
         # -- the loop: epochs of planned draws, one optimizer step at a time --
         while engine.step < total_steps:
@@ -159,7 +161,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         progress.close()
 
         # -- the end: final checkpoint, evaluation, export, skip report --
-        save()
+        final_state = save()
         if eval_sets:
             eval_result = evaluate(engine, backend, eval_sets, eval_encoder, settings)
             metrics.write({"step": engine.step, **eval_result})
@@ -167,7 +169,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
             skips.merge([report])
         export_dir = None
         if backend.is_main:
-            export_dir = export(run_dir, model.trainable_state_dict(), recipe.to_dict())
+            export_dir = export(run_dir, final_state["model"], recipe.to_dict())  # full tensors (ZeRO-3, pipeline)
             skips.write_jsonl(run_dir / "skipped.jsonl")
             if skips.seen:
                 print(skips.summary(), file=sys.stderr)
