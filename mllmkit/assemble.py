@@ -32,6 +32,13 @@ class Wiring:
 
 def check_wiring(recipe: Recipe) -> Wiring:
     """Verify the width chain of the recipe's model without building anything."""
+    try:
+        return _check_wiring(recipe)
+    except RecipeError as exc:
+        raise exc.with_file(str(recipe.path) if recipe.path else "<recipe>") from None
+
+
+def _check_wiring(recipe: Recipe) -> Wiring:
     llm = recipe.llm.spec.dims(recipe.llm.config, BuildContext(key=recipe.llm.key, recipe_dir=recipe.dir))
     vision = recipe.vision.spec.dims(recipe.vision.config, BuildContext(key=recipe.vision.key, recipe_dir=recipe.dir))
     width, tokens, source = vision.out_dim, vision.out_tokens, f"{recipe.vision.key} ({recipe.vision.type})"
