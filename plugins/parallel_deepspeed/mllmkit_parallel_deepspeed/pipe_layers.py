@@ -1,0 +1,189 @@
+"""The assembled MLLM as a list of pipeline layers, through the MLLM and LLM interfaces only.
+
+Layer 0 (:class:`EmbedLayer`): vision encoder + bridges + token embedding + image scatter
+(``MLLM.embed``); then one :class:`DecoderLayer` per LLM decoder layer (``llm.layers()``, with the
+causal mask, positions and rotary embedding recomputed on each stage from the 2-D attention mask);
+last (:class:`FinalLayer`): the final norm, holding the head that :class:`LabelledLoss` applies only
+at labelled positions. Between stages travel ``(hidden [B,T,H], attention_mask [B,T])``; labels go
+straight from the data to the last stage. No identity ballast layers, no dummy trainable layer.
+
+Also here: :func:`meta_parameters` (build with parameters on the meta device) and the helpers that
+materialise one stage's layers and free the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllmkit.template import IGNORE_INDEX
+
+__all__ = ["EmbedLayer", "DecoderLayer", "FinalLayer", "LabelledLoss", "pipeline_layers", "meta_parameters",
+           "materialize_layers", "release_layers"]
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Every ``nn.Parameter`` registered inside lands on the meta device (buffers stay real).
+
+    Component builders place their modules on a device of their own choosing; this catches the
+    parameters as they are registered, so the model takes no memory until a stage materialises it.
+    Parts that a builder loads from files afterwards are real (the pipeline frees the other stages').
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _no_reentrant_checkpoint(function, *args):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+class EmbedLayer(nn.Module):
+    """Vision + bridges + token embedding + image scatter: ``(ids, mask, pixels) -> (hidden, mask)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.vision = model.vision
+        self.bridges = model.bridges
+        self.embedding = model.llm.embedding
+        object.__setattr__(self, "mllm", model)  # for MLLM.embed; its parts above are this layer's
+
+    def forward(self, inputs):
+        input_ids, attention_mask, pixels = inputs
+        hidden = self.mllm.embed(input_ids, pixels=pixels if pixels.shape[0] > 0 else None)
+        return hidden, attention_mask
+
+
+class DecoderLayer(nn.Module):
+    """One LLM decoder layer; recomputes positions, causal mask and rotary embedding locally."""
+
+    def __init__(self, model: nn.Module, index: int, checkpointing: bool = False) -> None:
+        super().__init__()
+        self.layer = model.llm.layers()[index]
+        self.rotary = model.llm.rotary  # no parameters; every stage needs its buffers
+        self.index = index
+        self.checkpointing = checkpointing
+        object.__setattr__(self, "config", model.llm.hf_model.config)
+
+    def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kind = (getattr(self.config, "layer_types", None) or ["full_attention"] * (self.index + 1))[self.index]
+        make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        mask = make_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                         position_ids=position_ids)
+        rotary = self.rotary(hidden, position_ids)
+        out = self.layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, inputs):
+        hidden, attention_mask = inputs
+        if self.checkpointing and torch.is_grad_enabled():
+            hidden = _no_reentrant_checkpoint(self._run, hidden, attention_mask)
+        else:
+            hidden = self._run(hidden, attention_mask)
+        return hidden, attention_mask
+
+
+class FinalLayer(nn.Module):
+    """The final norm; also owns the head (applied by :class:`LabelledLoss` at labelled positions)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.norm = model.llm.norm
+        self.head = model.llm.head
+
+    def forward(self, inputs):
+        hidden, _ = inputs
+        return self.norm(hidden)
+
+
+class LabelledLoss:
+    """``loss_fn(hidden, labels)``: shifted cross-entropy, head only where the next token is labelled.
+
+    Not a module (DeepSpeed would register it on every stage). ``scale`` is set per optimizer step:
+    DeepSpeed divides by the accumulation steps and averages over data-parallel ranks, so the scale
+    turns each micro-batch's summed loss into its share of the step's token mean (or sample mean).
+    """
+
+    def __init__(self, final: FinalLayer) -> None:
+        self.final = final
+        self.reduction = "token"
+        self.scale = 1.0
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = self.final.head(hidden[:, :-1][selected]).float()
+        loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
+        if self.reduction == "sample":
+            loss_sum = loss_sum / selected.sum().clamp(min=1)
+        return loss_sum * self.scale
+
+
+def pipeline_layers(model: nn.Module, checkpointing: bool = False) -> list[nn.Module]:
+    """``[EmbedLayer, DecoderLayer × n_layers, FinalLayer]`` over the MLLM's own modules."""
+    n = len(model.llm.layers())
+    return [EmbedLayer(model), *(DecoderLayer(model, i, checkpointing) for i in range(n)), FinalLayer(model)]
+
+
+def _init_(param: torch.Tensor, owner: nn.Module, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        if param.ndim >= 2:
+            param.normal_(0.0, 0.02, generator=generator)
+        elif "norm" in type(owner).__name__.lower() or "ln" in type(owner).__name__.lower():
+            param.fill_(1.0)
+        else:
+            param.zero_()
+
+
+def materialize_layers(layers: list[nn.Module], device: torch.device, seed: int) -> int:
+    """Give every meta parameter of ``layers`` real storage on ``device`` (random init, N(0, 0.02)
+    for matrices, ones for norm weights, zeros otherwise); move the rest there. Returns the count."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    count = 0
+    for layer in layers:
+        for module in layer.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.is_meta:
+                    real = torch.empty(param.shape, dtype=param.dtype, device=device)
+                    _init_(real, module, generator)
+                    setattr(module, name, nn.Parameter(real, requires_grad=param.requires_grad))
+                    count += 1
+        layer.to(device)
+    return count
+
+
+def release_layers(layers: list[nn.Module], keep: list[nn.Module]) -> int:
+    """Replace the parameters and buffers of ``layers`` that ``keep`` does not share by meta tensors
+    (frees other stages' weights). Returns the number of tensors released."""
+    kept = {id(t) for layer in keep for t in [*layer.parameters(), *layer.buffers()]}
+    released = 0
+    for layer in layers:
+        for module in layer.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if id(param) not in kept and not param.is_meta:
+                    setattr(module, name, nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad))
+                    released += 1
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and id(buf) not in kept and not buf.is_meta:
+                    module._buffers[name] = buf.to("meta")
+                    released += 1
+    return released
