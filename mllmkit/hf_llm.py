@@ -66,10 +66,16 @@ class HFCausalLM(nn.Module):
         return self.head(hidden)
 
     def gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x names it activation_checkpointing_*; older 5.x gradient_checkpointing_*
+        if hasattr(self.hf_model, "activation_checkpointing_enable"):
+            if enabled:
+                self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.hf_model.activation_checkpointing_disable()
+        elif enabled:
+            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.hf_model.activation_checkpointing_disable()
+            self.hf_model.gradient_checkpointing_disable()
 
     def _check_length(self, length: int) -> None:
         if self.max_positions is not None and length > self.max_positions:
