@@ -127,7 +127,9 @@ def _convert(tp: Any, value: Any, key: str, base_dir: pathlib.Path | None) -> An
         raise _mismatch(tp, value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value in allowed and type(value) in {type(a) for a in allowed}:
+        # exact types (1 is not True), but a recipe string is a str subclass (SourcedStr)
+        if value in allowed and any(type(value) is type(a) or (isinstance(a, str) and isinstance(value, str))
+                                    for a in allowed):
             return value
         raise _mismatch(tp, value, key)
     if tp is bool:
