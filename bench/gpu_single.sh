@@ -10,7 +10,7 @@ fi
 export PYTHONPATH=.:plugins/vision_eva:plugins/bridge_qformer:plugins/llm_qwen:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout ${T_TRAIN:-280} python3 bench/train_throughput.py 2>&1 | tee "$OUT/train.log" | grep -v Warning
-timeout ${T_DECODE:-200} python3 bench/decode_latency.py 2>&1 | tee "$OUT/decode.log" | grep -v Warning
+[ "${SKIP_DECODE:-0}" = 1 ] || timeout ${T_DECODE:-200} python3 bench/decode_latency.py 2>&1 | tee "$OUT/decode.log" | grep -v Warning
 [ "${SKIP_EVA:-0}" = 1 ] || timeout ${T_EVA:-90} python3 bench/eva_forward.py 2>&1 | tee "$OUT/eva.log"
 cp bench/results/*.json "$OUT/" 2>/dev/null
 tail -n 8 "$OUT/train.log"; tail -n 8 "$OUT/decode.log"; tail -n 12 "$OUT/eva.log"

@@ -223,11 +223,12 @@ def main() -> None:
         length = math.ceil(max(len(s[0]) for s in chosen) / 64) * 64
         ids, labels = pad_batch(chosen, length, pad_id, device)
         index = torch.tensor(batch_idx, device=device)
-        with attn():
-            if cached is not None:
-                out = model(ids, labels, image_embeds=model.features_to_embeds(cached[index]))
-            else:
-                out = model(ids, labels, pixels=pixels[index])  # right padding + causal: no mask needed
+        if cached is not None:
+            image_embeds = model.features_to_embeds(cached[index])
+        else:
+            image_embeds = model.encode_images(pixels[index])
+        with attn():  # the LLM only: right padding + causal needs no mask, so SDPA can take flash
+            out = model(ids, labels, image_embeds=image_embeds)
         (out.loss_sum / out.num_tokens.clamp(min=1)).backward()
         opt_step()
 
