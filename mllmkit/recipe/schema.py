@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import attrs
 
+from mllmkit.chat.settings import GenerationSettings
 from mllmkit.config import between, non_negative, positive
 
 __all__ = ["ModelSection", "DataSection", "TrainSection", "ChatSection", "RecipeSchema"]
@@ -75,17 +76,11 @@ class TrainSection:
 
 
 @attrs.frozen(kw_only=True)
-class ChatSection:
+class ChatSection(GenerationSettings):
+    """``[chat]``: the generation settings (see GenerationSettings) plus the chat's own options."""
+
     system: str | None = None
     """System prompt; unset uses the LLM template's default."""
-    max_new_tokens: int = attrs.field(default=512, validator=positive)
-    do_sample: bool = False
-    temperature: float = attrs.field(default=1.0, validator=positive)
-    top_k: int = attrs.field(default=0, validator=non_negative)
-    top_p: float = attrs.field(default=1.0, validator=between(0.0, 1.0))
-    repetition_penalty: float = attrs.field(default=1.0, validator=positive)
-    num_beams: int = attrs.field(default=1, validator=positive)
-    seed: int | None = 42
     max_window_tokens: int = attrs.field(default=6144, validator=positive)
     """History window, image tokens included."""
     checkpoint: pathlib.Path | None = None
