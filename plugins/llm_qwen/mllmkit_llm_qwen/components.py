@@ -22,7 +22,6 @@ through ``HFCausalLM.max_positions`` instead of silently computing something els
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pathlib
 from typing import Any, Literal
@@ -31,7 +30,7 @@ import torch
 
 from mllmkit.config import Precision, config, torch_dtype
 from mllmkit.errors import UserError
-from mllmkit.hf_llm import HFCausalLM
+from mllmkit.hf_llm import HFCausalLM, finish_meta_load, new_hf_model
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
 from mllmkit.weights import WeightsError, checkpoint_files, iter_tensors, load_into
@@ -129,16 +128,6 @@ def qwen_dims(cfg: QwenConfig, ctx: BuildContext | None = None) -> PartDims:
     return PartDims(out_dim=_hidden_size(raw, source))
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _check_attn(name: str) -> None:
     if name == "flash_attention_2":
         import importlib.util
@@ -151,22 +140,16 @@ def _check_attn(name: str) -> None:
 def _new_model(hf_config, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
     from transformers import Qwen2ForCausalLM
 
-    with _default_dtype(dtype), torch.device(device):
-        return Qwen2ForCausalLM(hf_config)
+    return new_hf_model(Qwen2ForCausalLM, hf_config, dtype, device)
 
 
 def _load_folder(model: torch.nn.Module, folder: pathlib.Path, key_map, dtype: torch.dtype, tied: bool) -> None:
     """Stream the folder's weights shard by shard into the meta model; rebuild derived buffers."""
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
-
     load_into(model, iter_tensors(checkpoint_files(folder)), key_map, source=str(folder), dtype=dtype,
               allow_missing=(r"lm_head\.weight",) if tied else ())
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = Qwen2RotaryEmbedding(config=model.config)  # non-persistent inv_freq
-    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise WeightsError(f"{folder}: tensors never loaded: {', '.join(still_meta[:10])}")
+    finish_meta_load(model, str(folder))
 
 
 def _image_token(cfg: QwenConfig, tokenizer, default: tuple[str, ...], where: str) -> int:

@@ -129,7 +129,6 @@ def test_qwen2_image_token_option_and_refusal(tmp_path):
 
 def test_path_and_preset_checks_before_download_and_after(tmp_path):
     """With both, `mllmkit check` works before the folder exists; a folder of another size is refused."""
-    from mllmkit.errors import UserError
     from mllmkit_llm_qwen.components import QwenConfig, qwen_dims
 
     missing = QwenConfig(path=tmp_path / "Qwen-7B-Chat", preset="qwen7b_chat")
