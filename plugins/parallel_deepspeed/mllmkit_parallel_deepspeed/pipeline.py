@@ -39,7 +39,7 @@ from mllmkit_parallel_deepspeed.partition import Plan, format_plan, layer_costs,
 from mllmkit_parallel_deepspeed.pipe_layers import (LabelledLoss, materialize_layers, meta_parameters,
                                                     pipeline_layers, release_layers)
 from mllmkit_parallel_deepspeed.runtime import DeepSpeedBackendBase, count_window, dp_batch_config
-from mllmkit_parallel_deepspeed.zero import _merge
+from mllmkit_parallel_deepspeed.zero import _merge, relink_zero_state
 
 __all__ = ["PipelineBackend", "PipelineEngine", "pipeline_ds_config", "plan_for"]
 
@@ -230,6 +230,7 @@ class PipelineEngine:
             mine["groups"] = named["param_groups"]
             mine["model"] = {n: p.detach().cpu().clone() for n, p in self.named_trainable}
         else:
+            relink_zero_state(self.optimizer)
             step = torch.tensor(float(self.step))
             for name, param in self.named_trainable:
                 mine["model"][name] = safe_get_full_fp32_param(param).cpu().clone()
@@ -263,6 +264,8 @@ class PipelineEngine:
                              f"{missing[:5]}, unexpected {unexpected[:5]}")
         saved = state["optimizer"]["state"]
         zero = self.backend.cfg.zero_stage
+        if zero == 1:
+            relink_zero_state(self.optimizer)
         for name, param in self.named_trainable:
             if zero == 0:
                 with torch.no_grad():
@@ -271,7 +274,10 @@ class PipelineEngine:
                     self.optimizer.state[param] = {k: (v.to(self.device) if k != "step" else v.clone())
                                                    for k, v in saved[name].items()}
             else:
-                safe_set_full_fp32_param(param, state["model"][name].to(self.device).float())
+                value = state["model"][name].to(self.device).float()
+                safe_set_full_fp32_param(param, value)  # the optimizer's fp32 partition and the weights
+                with torch.no_grad():
+                    param.data.copy_(value)
                 for key in _MOMENTS:
                     if name in saved and key in saved[name]:
                         safe_set_full_optimizer_state(param, saved[name][key].to(self.device).float(), key)

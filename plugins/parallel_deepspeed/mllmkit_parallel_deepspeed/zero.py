@@ -29,7 +29,7 @@ from mllmkit.train.optim import param_groups
 from mllmkit_parallel_deepspeed.configs import ZeroConfig
 from mllmkit_parallel_deepspeed.runtime import DeepSpeedBackendBase, count_window, dp_batch_config
 
-__all__ = ["ZeroBackend", "ZeroEngine", "zero_ds_config", "TrainableShell"]
+__all__ = ["ZeroBackend", "ZeroEngine", "zero_ds_config", "TrainableShell", "relink_zero_state"]
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -59,6 +59,22 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+def relink_zero_state(ds_optimizer) -> None:
+    """ZeRO-1/2 link each parameter to its slice of the flat AdamW state once, after the first
+    step; a group whose state appeared later stays unlinked, and before the first step there is no
+    state at all. Create missing state (zeros, step 0) and link again before reading or writing."""
+    if not hasattr(ds_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        return
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            if flat not in inner.state:
+                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
+    ds_optimizer._hp_optimizer_states_linked = False
+    ds_optimizer._lazy_init_hp_params_optimizer_state()
 
 
 class TrainableShell(nn.Module):
@@ -177,11 +193,7 @@ class ZeroEngine:
         return inner.state
 
     def _relink_optimizer_state(self) -> None:
-        """ZeRO-1/2 link each parameter to its slice of the flat AdamW state once, after the first
-        step; a group whose state appeared later stays unlinked, so link again before reading."""
-        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state") and self._inner_state():
-            self.optimizer._hp_optimizer_states_linked = False
-            self.optimizer._lazy_init_hp_params_optimizer_state()
+        relink_zero_state(self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         """Full fp32 tensors and AdamW moments by MLLM name (a collective: call on every rank)."""
@@ -233,8 +245,18 @@ class ZeroEngine:
                                                    for k, v in saved_state[name].items()}
         else:
             self._relink_optimizer_state()
+            import deepspeed
+
             for name, tensor in state["model"].items():
-                safe_set_full_fp32_param(params[name], tensor.to(self.device).float())
+                value = tensor.to(self.device).float()
+                safe_set_full_fp32_param(params[name], value)  # the optimizer's fp32 partition ...
+                if self.stage == 3:  # ... and the weights the forward uses
+                    with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                        with torch.no_grad():
+                            params[name].data.copy_(value)
+                else:
+                    with torch.no_grad():
+                        params[name].data.copy_(value)
             for name, param in params.items():
                 for key in _MOMENTS:
                     if name in saved_state and key in saved_state[name]:

@@ -1,0 +1,85 @@
+"""Test helpers: a tiny recipe and torchrun launches of ``mllmkit run`` on the CPU (gloo, free port).
+
+Used by this plugin's tests; each launch sets ``DS_ACCELERATOR=cpu``, a workspace
+``TORCH_EXTENSIONS_DIR`` (DeepSpeed's JIT-built ops are cached there) and its own ``TMPDIR``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TINY_RECIPE", "ds_env", "free_port", "torchrun", "losses"]
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+CACHE = pathlib.Path(os.environ.get("MLLMKIT_TEST_CACHE", pathlib.Path(__file__).resolve().parents[3] / ".cache"))
+
+TINY_RECIPE = """
+[model.vision]
+type = "eva_tiny"
+
+[[model.bridges]]
+type = "qformer_tiny"
+
+[[model.bridges]]
+type = "linear"
+
+[model.llm]
+type = "qwen"
+preset = "qwen_tiny"
+dtype = "fp32"
+
+[[data.train]]
+type = "demo_shapes"
+size = 64
+
+[train]
+max_steps = 3
+lr = 1e-3
+micro_batch_size = 2
+grad_accum = 2
+precision = "fp32"
+device = "cpu"
+log_every = 1
+tensorboard = false
+seed = 1
+keep_last = 5
+
+[parallel]
+type = "single"
+"""
+
+
+def ds_env(tmp: pathlib.Path) -> dict[str, str]:
+    (tmp / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions"), "OMP_NUM_THREADS": "1",
+            "TMPDIR": str(tmp / "tmp"), "MASTER_ADDR": "127.0.0.1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, recipe: pathlib.Path, out: pathlib.Path, *overrides: str, resume: str | None = None,
+             timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "mllmkit.cli", "run", str(recipe),
+               "--output-dir", str(out)]
+    for override in overrides:
+        command += ["--set", override]
+    if resume:
+        command += ["--resume", resume]
+    return subprocess.run(command, env=ds_env(out.parent), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: pathlib.Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
