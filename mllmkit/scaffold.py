@@ -18,7 +18,7 @@ import string
 
 from mllmkit.errors import UserError
 
-__all__ = ["KINDS", "render", "write_plugin", "register_command"]
+__all__ = ["KINDS", "register_command", "render", "write_plugin"]
 
 KINDS = ("vision", "bridge", "llm", "dataset")
 

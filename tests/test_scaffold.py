@@ -11,9 +11,9 @@ import inspect
 import os
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 from mllmkit.cli import main
 from mllmkit.scaffold import KINDS, render
@@ -76,15 +76,15 @@ def test_generated_bridge_installs_and_its_test_passes(tmp_path):
     folder = tmp_path / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     install = subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
-                              str(folder)], capture_output=True, text=True, env=env)
+                              str(folder)], capture_output=True, text=True, env=env, check=False)
     assert install.returncode == 0, install.stderr
     try:
         result = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
-                                capture_output=True, text=True, env=env, cwd=folder)
+                                capture_output=True, text=True, env=env, cwd=folder, check=False)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
         assert "1 passed" in result.stdout  # the plugin_host fixture found the bridge through its entry point
     finally:
         subprocess.run([PYTHON, "-m", "pip", "uninstall", "-y", "-q", f"mllmkit-{name.replace('_', '-')}"],
-                       capture_output=True, env=env)
+                       capture_output=True, env=env, check=False)
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.distribution(f"mllmkit-{name.replace('_', '-')}")

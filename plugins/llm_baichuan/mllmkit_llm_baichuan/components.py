@@ -31,12 +31,18 @@ from mllmkit.hf_llm import HFCausalLM, finish_meta_load, new_hf_model
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
 from mllmkit.weights import WeightsError, checkpoint_files, iter_tensors, load_into
-
-from mllmkit_llm_baichuan.convert import BAICHUAN_KEYS, PRESETS, BaichuanArch, hf_config, normalize_head, read_arch
+from mllmkit_llm_baichuan.convert import (
+    BAICHUAN_KEYS,
+    PRESETS,
+    BaichuanArch,
+    hf_config,
+    normalize_head,
+    read_arch,
+)
 from mllmkit_llm_baichuan.template import BaichuanTemplate
 from mllmkit_llm_baichuan.tokenizer import SentencePieceTokenizer, load_tokenizer, tiny_tokenizer
 
-__all__ = ["Baichuan2Config", "Baichuan2TinyConfig", "build_baichuan", "baichuan_dims", "SPECS"]
+__all__ = ["SPECS", "Baichuan2Config", "Baichuan2TinyConfig", "baichuan_dims", "build_baichuan"]
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,15 @@ import torch.nn.functional as F
 
 from mllmkit.weights import KeyMap, WeightsError
 
-__all__ = ["BaichuanArch", "PRESETS", "ALIBI_MESSAGE", "read_arch", "hf_config", "BAICHUAN_KEYS",
-           "normalize_head"]
+__all__ = [
+    "ALIBI_MESSAGE",
+    "BAICHUAN_KEYS",
+    "PRESETS",
+    "BaichuanArch",
+    "hf_config",
+    "normalize_head",
+    "read_arch",
+]
 
 ALIBI_MESSAGE = ("Baichuan2-13B uses ALiBi position biases, which this plugin does not implement; "
                  "use Baichuan2-7B-Chat")

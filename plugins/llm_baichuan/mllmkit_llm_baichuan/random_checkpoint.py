@@ -10,9 +10,9 @@ import pathlib
 
 import torch
 
-__all__ = ["TINY", "write_tokenizer", "random_state_dict", "write_config", "write_folder"]
+__all__ = ["TINY", "random_state_dict", "write_config", "write_folder", "write_tokenizer"]
 
-TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=704)
+TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 704}
 
 
 def _reserved_names() -> list[str]:

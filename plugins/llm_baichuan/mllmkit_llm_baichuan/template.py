@@ -11,7 +11,7 @@ eos in the input); a conversation ending with an answer gets a final eos, labell
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mllmkit.errors import DataError
 from mllmkit.template import Message, Piece, text_pieces

@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import io
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 from mllmkit.weights import WeightsError
 
-__all__ = ["SentencePieceTokenizer", "load_tokenizer", "tiny_tokenizer", "TINY_RESERVED", "TINY_TEXT"]
+__all__ = ["TINY_RESERVED", "TINY_TEXT", "SentencePieceTokenizer", "load_tokenizer", "tiny_tokenizer"]
 
 TINY_RESERVED = ("<reserved_106>", "<reserved_107>", "<reserved_113>")
 """Reserved pieces of the tiny vocabulary: user turn, assistant turn, image placeholder."""
@@ -70,9 +70,11 @@ def load_tokenizer(path: pathlib.Path) -> SentencePieceTokenizer:
     if not path.is_file():
         raise WeightsError(f"{path}: Baichuan2's sentencepiece vocabulary is missing; copy tokenizer.model "
                            f"from the Baichuan2-7B-Chat download into that folder")
+    from google.protobuf.message import DecodeError
+
     try:
         return SentencePieceTokenizer(path.read_bytes(), name=str(path))
-    except Exception as exc:  # sentencepiece raises RuntimeError or protobuf DecodeError
+    except (RuntimeError, DecodeError) as exc:
         raise WeightsError(f"{path}: not a sentencepiece model ({exc})") from None
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-
 from mllmkit_llm_baichuan.random_checkpoint import write_folder, write_tokenizer
 
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from mllmkit_llm_baichuan import ALIBI_MESSAGE, Baichuan2Config, baichuan_dims, build_baichuan
 from mllmkit_llm_baichuan.random_checkpoint import TINY, random_state_dict, write_config
 
 from mllmkit.weights import WeightsError
-from mllmkit_llm_baichuan import ALIBI_MESSAGE, Baichuan2Config, baichuan_dims, build_baichuan
 
 
 def reference_logits(sd: dict[str, torch.Tensor], ids: torch.Tensor, heads: int, eps: float = 1e-6) -> torch.Tensor:
@@ -176,10 +176,10 @@ def test_7b_preset_needs_a_folder():
 
 
 def test_full_size_parameter_count_on_meta():
+    from mllmkit_llm_baichuan.convert import PRESETS, hf_config
     from transformers import LlamaForCausalLM
 
     from mllmkit.hf_llm import new_hf_model
-    from mllmkit_llm_baichuan.convert import PRESETS, hf_config
 
     model = new_hf_model(LlamaForCausalLM, hf_config(PRESETS["baichuan2_7b_chat"], pad_token_id=0, bos_token_id=1,
                                                      eos_token_ids=[2, 195]), torch.bfloat16, device="meta")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pathlib
-import tomllib
 
 import pytest
+import tomllib
 import torch
 
 from mllmkit.cli import main

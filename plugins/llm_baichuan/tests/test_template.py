@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from mllmkit_llm_baichuan import Baichuan2Config, build_baichuan, load_tokenizer, tiny_tokenizer
+from mllmkit_llm_baichuan.tokenizer import _tiny_proto
 
 from mllmkit.errors import DataError, UserError
 from mllmkit.template import IGNORE_INDEX, IMAGE_SPAN, encode_pieces
-from mllmkit_llm_baichuan import Baichuan2Config, build_baichuan, load_tokenizer, tiny_tokenizer
-from mllmkit_llm_baichuan.tokenizer import _tiny_proto
 
 U, A, EOS, IMG = 195, 196, 2, 202
 X = IGNORE_INDEX
@@ -90,3 +90,13 @@ def test_image_token_option(tmp_path, tokenizer_file):
         build_baichuan(Baichuan2Config(path=folder, image_token="▁the"))
     with pytest.raises(UserError, match=r"'<nope>' is not a piece of .*tokenizer\.model"):
         build_baichuan(Baichuan2Config(path=folder, image_token="<nope>"))
+
+
+def test_missing_or_corrupt_tokenizer_model(tmp_path):
+    from mllmkit.weights import WeightsError
+
+    with pytest.raises(WeightsError, match=r"tokenizer\.model: Baichuan2's sentencepiece vocabulary is missing"):
+        load_tokenizer(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(WeightsError, match=r"tokenizer\.model: not a sentencepiece model"):
+        load_tokenizer(tmp_path / "tokenizer.model")
