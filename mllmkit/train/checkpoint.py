@@ -67,26 +67,28 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) RNG states, in a form ``weights_only`` loading accepts."""
+    """Python, numpy and torch (CPU and CUDA) RNG states as plain lists and numbers (picklable across
+    ranks, and accepted by ``weights_only`` loading)."""
     import numpy as np
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
-    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def list_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
