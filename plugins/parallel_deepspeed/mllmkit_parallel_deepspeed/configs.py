@@ -25,11 +25,19 @@ def _stage_map(instance: Any, attribute: attrs.Attribute, value: list[int] | Non
         raise ConfigValueError(attribute.name, f"expected decoder-layer counts >= 0, found {value}")
 
 
+def _one_of(*allowed: int, why: str = ""):
+    def check(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+        if value not in allowed:
+            raise ConfigValueError(attribute.name, f"expected one of {', '.join(map(str, allowed))}, found {value!r}"
+                                                   + (f" ({why})" if why else ""))
+    return check
+
+
 @config
 class ZeroConfig:
     """Options of ``zero`` (DeepSpeed ZeRO data parallel)."""
 
-    stage: int = attrs.field(default=2, validator=attrs.validators.in_([0, 1, 2, 3]))
+    stage: int = attrs.field(default=2, validator=_one_of(0, 1, 2, 3))
     """ZeRO stage: 0 plain DP, 1 shards optimizer state, 2 + gradients, 3 + trainable parameters."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """Keep optimizer state (and its step) on the CPU (DeepSpeedCPUAdam; stages 1–3)."""
@@ -59,7 +67,7 @@ class PipelineConfig:
     meta_init: bool = True
     """Build the model with parameters on the meta device and materialise only this rank's stage
     (random-weight presets: initialised on the device; parts loaded from files: the rest is freed)."""
-    zero_stage: int = attrs.field(default=0, validator=attrs.validators.in_([0, 1]))
+    zero_stage: int = attrs.field(default=0, validator=_one_of(0, 1, why="DeepSpeed refuses ZeRO-2/3 with a pipeline"))
     """ZeRO with a pipeline: 0 or 1 (DeepSpeed refuses 2/3). 1 needs a trainable parameter on every stage."""
     plan_seq_len: int | None = attrs.field(default=None, validator=positive)
     """Sequence length the cost model assumes; unset = train.max_text_len."""

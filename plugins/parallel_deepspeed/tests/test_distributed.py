@@ -53,6 +53,7 @@ def test_zero_matches_single(tmp_path, stage, single_losses):
     assert set(optimizer["state"]) == {"bridges.1.proj.weight", "bridges.1.proj.bias"}
     assert optimizer["state"]["bridges.1.proj.weight"]["exp_avg"].shape == (64, 64)
     assert [g["weight_decay"] for g in optimizer["param_groups"]] == [0.05, 0.0]
+    _convert_and_chat_load(out, tmp_path / "converted", saved)
 
 
 def test_pipeline_two_stages_matches_single_with_a_frozen_stage(pipeline_run, single_losses):
@@ -62,6 +63,8 @@ def test_pipeline_two_stages_matches_single_with_a_frozen_stage(pipeline_run, si
     assert "pipeline partition (cost model): 2 stages" in result.stderr
     saved = load_file(str(out / "checkpoints" / "step_0000002" / "trainable.safetensors"))
     assert set(saved) == {"bridges.1.proj.weight", "bridges.1.proj.bias"}
+    _convert_and_chat_load(out, out.parent / "converted", load_file(str(out / "checkpoints" / "step_0000003" /
+                                                                         "trainable.safetensors")))
 
 
 def test_pipeline_resumes_under_the_same_topology(tmp_path, pipeline_run):
@@ -105,3 +108,14 @@ def _recipe(tmp_path: pathlib.Path) -> pathlib.Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_RECIPE)
     return path
+
+
+def _convert_and_chat_load(run: pathlib.Path, target: pathlib.Path, saved: dict[str, torch.Tensor]) -> None:
+    """``mllmkit convert`` of the run's last checkpoint loads in chat with exactly the trained tensors."""
+    from mllmkit.chat.loading import load_chat_model
+    from mllmkit.cli import main
+
+    assert main(["convert", str(run / "checkpoints" / "step_0000003"), "--to", str(target)]) == 0
+    model, _ = load_chat_model(target, device="cpu", precision="fp32")
+    torch.testing.assert_close(model.bridges[1].proj.weight, saved["bridges.1.proj.weight"])
+    torch.testing.assert_close(model.bridges[1].proj.bias, saved["bridges.1.proj.bias"])

@@ -1,0 +1,78 @@
+"""Recipe options, DeepSpeed config building, and the two DeepSpeed recipes under `mllmkit check`."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from mllmkit.cli import main
+from mllmkit.errors import RecipeError
+from mllmkit.recipe import load_recipe
+from mllmkit_parallel_deepspeed.testing import TINY_RECIPE
+
+RECIPES = pathlib.Path(__file__).resolve().parents[3] / "recipes"
+
+
+@pytest.fixture
+def tiny(tmp_path) -> pathlib.Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def test_zero_config_follows_the_recipe(tiny):
+    from mllmkit_parallel_deepspeed.zero import zero_ds_config
+
+    recipe = load_recipe(tiny, ["parallel.type=zero", "parallel.stage=2", "parallel.offload_optimizer=cpu",
+                                "train.grad_clip=0.5", "parallel.reduce_bucket_size=1000"])
+    config = zero_ds_config(recipe.parallel.config, recipe.train, world=4)
+    assert config == {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 16,
+        "steps_per_print": 10 ** 9, "wall_clock_breakdown": False, "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": 1000, "allgather_bucket_size": 200_000_000,
+                              "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+        "zero_allow_untested_optimizer": True,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 0.05}},
+    }
+
+
+def test_pipeline_config_turns_deepspeed_clipping_off(tiny):
+    from mllmkit_parallel_deepspeed.pipeline import pipeline_ds_config
+
+    recipe = load_recipe(tiny, ["parallel.type=pipeline", "parallel.zero_stage=1"])
+    config = pipeline_ds_config(recipe.parallel.config, recipe.train, dp_world=2)
+    assert config["gradient_clipping"] == 0.0 and config["zero_optimization"] == {"stage": 1}
+    assert config["train_batch_size"] == 8
+
+
+def test_stage_map_length_is_checked_at_check_time(tiny):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tiny, ["parallel.type=pipeline", "parallel.num_stages=3", "parallel.stage_map=[1, 1]"])
+    assert str(err.value).endswith("parallel.stage_map: has 2 entries but num_stages = 3; give one decoder-layer "
+                                   "count per stage")
+
+
+def test_pipeline_with_zero_2_is_refused(tiny):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tiny, ["parallel.type=pipeline", "parallel.zero_stage=2"])
+    assert str(err.value).endswith("parallel.zero_stage: expected one of 0, 1, found 2 (DeepSpeed refuses ZeRO-2/3 "
+                                   "with a pipeline)")
+
+
+@pytest.mark.parametrize("name,parallel", [("minigpt4qwen14b_pp.toml", "pipeline"),
+                                           ("minigpt4qwen7b_zero2.toml", "zero")])
+def test_deepspeed_recipes_check_without_weights(name, parallel, capsys):
+    assert main(["check", str(RECIPES / name)]) == 0
+    out = capsys.readouterr().out
+    assert f"  parallel: {parallel}" in out
+
+
+def test_14b_recipe_values():
+    recipe = load_recipe(RECIPES / "minigpt4qwen14b_pp.toml")
+    train, parallel = recipe.train, recipe.parallel.config
+    assert (train.micro_batch_size, train.grad_accum, train.lr, tuple(train.betas), train.eps) == (1, 128, 1e-4,
+                                                                                                   (0.9, 0.99), 1e-7)
+    assert (parallel.num_stages, parallel.zero_stage, train.epochs, train.warmup_steps) == (2, 0, 20, 50)
