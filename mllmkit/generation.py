@@ -67,7 +67,8 @@ class Decoder:
     larger decoder (the old one is dropped with its cache).
     """
 
-    def __init__(self, llm: nn.Module, max_cache_len: int, *, use_cuda_graph: bool | None = None) -> None:
+    def __init__(self, llm: nn.Module, max_cache_len: int, *, use_cuda_graph: bool | None = None,
+                 compile: bool = False) -> None:
         from transformers import StaticCache
 
         self.hf_model = _hf_model(llm)
@@ -85,6 +86,10 @@ class Decoder:
         self._slot = torch.zeros((), dtype=torch.long, device=dev)         # its cache slot
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
+        self.compiled = compile
+        # torch.compile fuses the step's elementwise work (norms, rotary, SiLU·mul, casts) into fewer
+        # kernels; the compiled step is then captured in the CUDA graph like the eager one.
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         # First call initialises the cache tensors (lazy in transformers); the graph needs them fixed.
         with torch.inference_mode():
             self._prefill(torch.zeros(1, 1, self.hf_model.config.hidden_size, device=dev, dtype=self.dtype),
@@ -129,21 +134,21 @@ class Decoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (library handles, workspaces)
+            for _ in range(3):  # warm-up outside the graph (compilation, library handles, workspaces)
                 self._set_length(1)
-                self._step()
+                self._step_fn()
         torch.cuda.current_stream().wait_stream(stream)
         self._set_length(1)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._logits = self._step()
+            self._logits = self._step_fn()
         self._graph = graph
 
     def _run_step(self) -> torch.Tensor:
         if self._graph is not None:
             self._graph.replay()
             return self._logits
-        return self._step()
+        return self._step_fn()
 
     # -- the loop --
     @torch.inference_mode()
@@ -197,19 +202,22 @@ class Decoder:
         return out
 
 
-def decoder_for(llm: nn.Module, needed_len: int, *, use_cuda_graph: bool | None = None) -> Decoder:
-    """The LLM's cached :class:`Decoder`, rebuilt with a larger cache when ``needed_len`` does not fit."""
+def decoder_for(llm: nn.Module, needed_len: int, *, use_cuda_graph: bool | None = None,
+                compile: bool | None = None) -> Decoder:
+    """The LLM's cached :class:`Decoder`, rebuilt with a larger cache when ``needed_len`` does not fit
+    (or when ``use_cuda_graph`` / ``compile`` is given and differs from the cached one's)."""
     hf_model = _hf_model(llm)
     decoder = _DECODERS.get(hf_model)
     if decoder is None or decoder.max_cache_len < needed_len or (
-            use_cuda_graph is not None and decoder.use_cuda_graph != use_cuda_graph):
+            use_cuda_graph is not None and decoder.use_cuda_graph != use_cuda_graph) or (
+            compile is not None and decoder.compiled != compile):
         if decoder is not None:
             _DECODERS.pop(hf_model, None)
             del decoder
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         size = -(-needed_len // _CACHE_LEN_STEP) * _CACHE_LEN_STEP
-        decoder = _DECODERS[hf_model] = Decoder(llm, size, use_cuda_graph=use_cuda_graph)
+        decoder = _DECODERS[hf_model] = Decoder(llm, size, use_cuda_graph=use_cuda_graph, compile=bool(compile))
     return decoder
 
 
