@@ -38,11 +38,12 @@ for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": 
 
 
 def register_plugins() -> None:
-    import mllmkit.builtin.hooks as builtin
     import mllmkit_bridge_qformer.hooks as qformer
     import mllmkit_llm_qwen.hooks as qwen
     import mllmkit_parallel_deepspeed.hooks as deepspeed_hooks
     import mllmkit_vision_eva.hooks as eva
+
+    import mllmkit.builtin.hooks as builtin
     from mllmkit.plugins import build_plugin_host, reset_plugin_host
 
     reset_plugin_host(build_plugin_host(entry_points=[], extra_plugins=[
@@ -107,6 +108,7 @@ def run_worker(mode: str, tiny: bool, steps: int, out: pathlib.Path) -> None:
     t0 = time.perf_counter()
     if mode == "pipeline":
         from mllmkit_parallel_deepspeed.specs import _build_pipeline
+
         from mllmkit.interfaces import BuildContext
 
         backend = _build_pipeline(recipe.parallel.config, BuildContext(key="parallel", recipe=recipe))
@@ -119,9 +121,14 @@ def run_worker(mode: str, tiny: bool, steps: int, out: pathlib.Path) -> None:
                           "params_per_stage": engine.plan.stage_params(),
                           "flops_share": [f / sum(engine.plan.stage_flops()) for f in engine.plan.stage_flops()]}
     else:
+        from mllmkit_parallel_deepspeed.pipe_layers import (
+            materialize_layers,
+            meta_parameters,
+            pipeline_layers,
+        )
+
         from mllmkit.assemble import assemble
         from mllmkit.builtin.backends import SingleBackend
-        from mllmkit_parallel_deepspeed.pipe_layers import materialize_layers, meta_parameters, pipeline_layers
 
         backend = SingleBackend("cpu" if tiny else "auto")
         backend.setup()

@@ -31,7 +31,7 @@ import torch
 from mllmkit.errors import UserError
 from mllmkit.weights import WeightsError, safe_torch_load
 
-__all__ = ["register_command", "convert_checkpoint", "read_checkpoint_tensors"]
+__all__ = ["convert_checkpoint", "read_checkpoint_tensors", "register_command"]
 
 _SEED_PROJ = re.compile(r"(?:.*\.)?llm_proj\.(weight|bias)")
 _SEED_LLM = re.compile(r"(?:.*\.)?(llm_model\.|transformer\.|wtepipe\.|layer\.|final_layernorm\.|lm_head\.)")

@@ -12,7 +12,7 @@ import attrs
 
 from mllmkit.config import ConfigValueError, config, non_negative, positive
 
-__all__ = ["ZeroConfig", "PipelineConfig"]
+__all__ = ["PipelineConfig", "ZeroConfig"]
 
 
 def _stage_map(instance: Any, attribute: attrs.Attribute, value: list[int] | None) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from mllmkit.errors import UserError
 
-__all__ = ["LayerCost", "Plan", "layer_costs", "plan_partition", "format_plan", "LABEL_FRACTION"]
+__all__ = ["LABEL_FRACTION", "LayerCost", "Plan", "format_plan", "layer_costs", "plan_partition"]
 
 LABEL_FRACTION = 0.5
 """Share of a sequence's positions assumed labelled (where the head runs)."""

@@ -14,7 +14,7 @@ materialise one stage's layers and free the others.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,16 @@ from torch import nn
 
 from mllmkit.template import IGNORE_INDEX
 
-__all__ = ["EmbedLayer", "DecoderLayer", "FinalLayer", "LabelledLoss", "pipeline_layers", "meta_parameters",
-           "materialize_layers", "release_layers"]
+__all__ = [
+    "DecoderLayer",
+    "EmbedLayer",
+    "FinalLayer",
+    "LabelledLoss",
+    "materialize_layers",
+    "meta_parameters",
+    "pipeline_layers",
+    "release_layers",
+]
 
 
 @contextlib.contextmanager

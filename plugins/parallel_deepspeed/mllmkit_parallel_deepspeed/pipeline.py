@@ -25,7 +25,8 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,11 +34,15 @@ from torch import nn
 from mllmkit.data.collate import Batch
 from mllmkit.errors import UserError
 from mllmkit.train.engine import named_optimizer_state
-
 from mllmkit_parallel_deepspeed.configs import PipelineConfig
 from mllmkit_parallel_deepspeed.partition import Plan, format_plan, layer_costs, plan_partition
-from mllmkit_parallel_deepspeed.pipe_layers import (LabelledLoss, materialize_layers, meta_parameters,
-                                                    pipeline_layers, release_layers)
+from mllmkit_parallel_deepspeed.pipe_layers import (
+    LabelledLoss,
+    materialize_layers,
+    meta_parameters,
+    pipeline_layers,
+    release_layers,
+)
 from mllmkit_parallel_deepspeed.runtime import DeepSpeedBackendBase, count_window, dp_batch_config
 from mllmkit_parallel_deepspeed.zero import _merge, relink_zero_state
 
@@ -90,7 +95,7 @@ class PipelineBackend(DeepSpeedBackendBase):
             return assemble(recipe)
 
     def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any], lr_schedule: Callable[[int], float],
-                train) -> "PipelineEngine":
+                train) -> PipelineEngine:
         return PipelineEngine(model, self, optimizer_factory, lr_schedule, train)
 
 
@@ -126,12 +131,12 @@ class PipelineEngine:
         self.loss.reduction = train.loss_reduction
 
         class _Planned(PipelineModule):
-            def _partition_layers(inner, method="uniform"):  # noqa: N805 - DeepSpeed's hook
+            def _partition_layers(inner, method="uniform"):
                 inner.parts = list(self.plan.parts)
                 stage = inner._topo.get_coord(inner.global_rank).pipe
                 inner._set_bounds(start=inner.parts[stage], stop=inner.parts[stage + 1])
 
-            def train(inner, mode: bool = True):  # noqa: N805 - frozen parts stay in eval mode
+            def train(inner, mode: bool = True):
                 super().train(mode)
                 model.train(mode)
                 return inner

@@ -25,7 +25,7 @@ import torch
 
 from mllmkit.errors import UserError
 
-__all__ = ["DeepSpeedBackendBase", "prepare_accelerator", "dp_batch_config", "count_window"]
+__all__ = ["DeepSpeedBackendBase", "count_window", "dp_batch_config", "prepare_accelerator"]
 
 
 def prepare_accelerator(preference: str) -> str:
@@ -152,6 +152,6 @@ def _hard_exit(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001 - a closed stream must not block the exit
-            pass
+        except (OSError, ValueError):  # a closed stream must not block the exit
+            continue
     os._exit(code)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mllmkit.interfaces import BuildContext
 from mllmkit.registry import ComponentSpec
-
 from mllmkit_parallel_deepspeed.configs import PipelineConfig, ZeroConfig
 
 __all__ = ["SPECS"]

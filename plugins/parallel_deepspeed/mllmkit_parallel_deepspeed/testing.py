@@ -6,7 +6,7 @@ Used by this plugin's tests; each launch sets ``DS_ACCELERATOR=cpu``, a workspac
 
 from __future__ import annotations
 
-__all__ = ["TINY_RECIPE", "ds_env", "free_port", "torchrun", "losses"]
+__all__ = ["TINY_RECIPE", "ds_env", "free_port", "losses", "torchrun"]
 
 import json
 import os
@@ -75,7 +75,8 @@ def torchrun(nproc: int, recipe: pathlib.Path, out: pathlib.Path, *overrides: st
         command += ["--set", override]
     if resume:
         command += ["--resume", resume]
-    return subprocess.run(command, env=ds_env(out.parent), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env=ds_env(out.parent), capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def losses(run_dir: pathlib.Path) -> list[float]:

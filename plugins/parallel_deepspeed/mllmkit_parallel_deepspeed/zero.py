@@ -18,18 +18,18 @@ parameter name, so checkpoints move between ``zero`` stages and the other backen
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from mllmkit.data.collate import Batch
 from mllmkit.train.optim import param_groups
-
 from mllmkit_parallel_deepspeed.configs import ZeroConfig
 from mllmkit_parallel_deepspeed.runtime import DeepSpeedBackendBase, count_window, dp_batch_config
 
-__all__ = ["ZeroBackend", "ZeroEngine", "zero_ds_config", "TrainableShell", "relink_zero_state"]
+__all__ = ["TrainableShell", "ZeroBackend", "ZeroEngine", "relink_zero_state", "zero_ds_config"]
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -97,7 +97,7 @@ class ZeroBackend(DeepSpeedBackendBase):
     name = "zero"
 
     def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any], lr_schedule: Callable[[int], float],
-                train) -> "ZeroEngine":
+                train) -> ZeroEngine:
         return ZeroEngine(model, self, optimizer_factory, lr_schedule, train)
 
 
@@ -251,9 +251,8 @@ class ZeroEngine:
                 value = tensor.to(self.device).float()
                 safe_set_full_fp32_param(params[name], value)  # the optimizer's fp32 partition ...
                 if self.stage == 3:  # ... and the weights the forward uses
-                    with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
-                        with torch.no_grad():
-                            params[name].data.copy_(value)
+                    with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0), torch.no_grad():
+                        params[name].data.copy_(value)
                 else:
                     with torch.no_grad():
                         params[name].data.copy_(value)

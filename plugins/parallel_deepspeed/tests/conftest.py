@@ -5,7 +5,6 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-
 from mllmkit_parallel_deepspeed.testing import TINY_RECIPE
 
 

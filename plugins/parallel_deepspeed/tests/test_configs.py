@@ -5,11 +5,11 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from mllmkit_parallel_deepspeed.testing import TINY_RECIPE
 
 from mllmkit.cli import main
 from mllmkit.errors import RecipeError
 from mllmkit.recipe import load_recipe
-from mllmkit_parallel_deepspeed.testing import TINY_RECIPE
 
 RECIPES = pathlib.Path(__file__).resolve().parents[3] / "recipes"
 

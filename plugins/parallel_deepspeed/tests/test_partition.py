@@ -6,10 +6,16 @@ import itertools
 import random
 
 import pytest
+from mllmkit_parallel_deepspeed.partition import (
+    LayerCost,
+    _best_split,
+    format_plan,
+    layer_costs,
+    plan_partition,
+)
+from mllmkit_parallel_deepspeed.pipe_layers import meta_parameters
 
 from mllmkit.errors import UserError
-from mllmkit_parallel_deepspeed.partition import LayerCost, _best_split, format_plan, layer_costs, plan_partition
-from mllmkit_parallel_deepspeed.pipe_layers import meta_parameters
 
 
 def _brute(weights: list[float], k: int) -> float:
@@ -17,7 +23,7 @@ def _brute(weights: list[float], k: int) -> float:
     best = float("inf")
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = [0, *cuts, n]
-        best = min(best, max(sum(weights[a:b]) for a, b in zip(bounds, bounds[1:])))
+        best = min(best, max(sum(weights[a:b]) for a, b in itertools.pairwise(bounds)))
     return best
 
 
@@ -29,7 +35,7 @@ def test_best_split_is_optimal(seed):
         value, parts = _best_split(weights, k, None, None)
         assert value == pytest.approx(_brute(weights, k))
         assert parts[0] == 0 and parts[-1] == len(weights) and len(parts) == k + 1
-        assert max(sum(weights[a:b]) for a, b in zip(parts, parts[1:])) == pytest.approx(value)
+        assert max(sum(weights[a:b]) for a, b in itertools.pairwise(parts)) == pytest.approx(value)
 
 
 def _costs(n_decoders: int) -> list[LayerCost]:
