@@ -53,7 +53,7 @@ def test_questions_are_answered_and_history_shown(session):
 def test_help_quit_clear_and_unknown(session):
     lines = drive(session, ":h\n:cl\n:bogus\n:q\nnot asked\n")
     help_lines = HELP.format(names="max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, "
-                                   "num_beams, seed").splitlines()
+                                   "num_beams, seed, compile_decode").splitlines()
     assert lines == [*help_lines, "(screen cleared)",
                      "error: unknown command ':bogus'; :help lists the commands"]
     assert session.turns == []  # nothing after :q was read
@@ -104,7 +104,7 @@ def test_seed_and_conf_change_generation(session):
         *conf_lines(max_new_tokens=2), "history cleared; 0 image(s) kept", f"Assistant: {expected_short}",
         "error: top_k: expected int, found 'abc'",
         ("error: unknown setting 'nope'; settings: max_new_tokens, do_sample, temperature, top_k, top_p, "
-        "repetition_penalty, num_beams, seed"),
+        "repetition_penalty, num_beams, seed, compile_decode"),
         *conf_lines(max_new_tokens=6, do_sample=True, temperature=1.5), "history cleared; 0 image(s) kept",
         f"Assistant: {expected_sampled}",
         "generation settings restored", "history cleared; 0 image(s) kept", f"Assistant: {greedy}", "seed = 42",

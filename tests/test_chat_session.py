@@ -213,7 +213,7 @@ def test_settings_are_type_checked():
         ("do_sample", "maybe", "do_sample: expected bool, found 'maybe'"),
         ("max_new_tokens", "0", "max_new_tokens: expected a value > 0, found 0"),
         ("nope", "1", ("unknown setting 'nope'; settings: max_new_tokens, do_sample, temperature, top_k, top_p, "
-                      "repetition_penalty, num_beams, seed")),
+                      "repetition_penalty, num_beams, seed, compile_decode")),
     ]:
         with pytest.raises(UserError) as err:
             settings.with_value(name, value)

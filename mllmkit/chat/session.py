@@ -225,14 +225,31 @@ class ChatSession:
         self.pending = []
 
     # -- asking --
+    def _decode(self, embeds: torch.Tensor, mask: torch.Tensor, max_new: int,
+                streamer: QueueStreamer | None = None) -> list[int]:
+        """Answer ids: beam search through transformers ``generate``; greedy and sampling through
+        :mod:`mllmkit.generation` (static KV cache, a CUDA-graph decode step on GPUs)."""
+        from mllmkit.generation import decoder_for, generate
+
+        s = self.settings
+        with torch.inference_mode():
+            if s.num_beams > 1:
+                out = self.llm.hf_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                                 generation_config=self._generation_config(max_new))
+                return cut_at_stop(out[0].tolist(), self.template.stop_token_ids)
+            if s.compile_decode:
+                decoder_for(self.llm, embeds.shape[1] + max_new, compile=True)
+            return generate(self.llm, embeds, mask, max_new_tokens=max_new,
+                            stop_token_ids=self.template.stop_token_ids, do_sample=s.do_sample,
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                            repetition_penalty=s.repetition_penalty,
+                            on_token=streamer.token if streamer is not None else None)
+
     def ask(self, text: str, images: Iterable[Any] = ()) -> str:
         """Add ``images`` (paths or PIL images), ask ``text``, return the whole answer."""
         turn, embeds, mask, max_new = self._inputs(text, images)
         self._seed()
-        with torch.inference_mode():
-            out = self.llm.hf_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                             generation_config=self._generation_config(max_new))
-        answer = self.tokenizer.decode(cut_at_stop(out[0].tolist(), self.template.stop_token_ids))
+        answer = self.tokenizer.decode(self._decode(embeds, mask, max_new))
         self._finish(turn, answer)
         return answer
 
@@ -245,18 +262,13 @@ class ChatSession:
             yield self.ask(text, images)
             return
         turn, embeds, mask, max_new = self._inputs(text, images)
-        from transformers import StoppingCriteriaList
-
         streamer = QueueStreamer(self.tokenizer.decode, self.template.stop_token_ids)
-        config = self._generation_config(max_new)
         self._seed()
 
         def work() -> None:
             try:
-                with torch.inference_mode():
-                    self.llm.hf_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                               generation_config=config, streamer=streamer,
-                                               stopping_criteria=StoppingCriteriaList([streamer.cancelled]))
+                self._decode(embeds, mask, max_new, streamer)
+                streamer.end()
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
                 streamer.fail(exc)
 

@@ -36,6 +36,8 @@ class GenerationSettings:
     """Beam search width (1 = no beam search); beam search answers arrive in one piece when streaming."""
     seed: int | None = 42
     """Random seed set before every answer (None = not reseeded)."""
+    compile_decode: bool = False
+    """torch.compile the decode step (GPU: ~1.3× faster decoding after a one-off compile of ~45 s)."""
 
     @classmethod
     def from_chat_section(cls, chat: Any) -> GenerationSettings:

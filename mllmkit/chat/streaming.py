@@ -82,7 +82,15 @@ class QueueStreamer:
             return
         if self._stopped:
             return
-        ids = [int(t) for t in value.reshape(-1).tolist()]
+        self._push([int(t) for t in value.reshape(-1).tolist()])
+
+    def token(self, token_id: int) -> bool:
+        """An ``on_token`` callback for :func:`mllmkit.generation.generate`; True asks it to stop."""
+        if not self._stopped:
+            self._push([int(token_id)])
+        return self._cancel.is_set()
+
+    def _push(self, ids: list[int]) -> None:
         kept = cut_at_stop(ids, self.stop_ids)
         self._stopped = len(kept) < len(ids)
         piece = self.decoder.push(kept) if kept else ""
