@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from mllmkit.data import Collator, EncodedSample, SampleEncoder, epoch_order, group_by_length, rank_micro_batches
+from mllmkit.data import (
+    Collator,
+    EncodedSample,
+    SampleEncoder,
+    epoch_order,
+    group_by_length,
+    rank_micro_batches,
+)
 from mllmkit.interfaces import Sample
 from mllmkit.template import IGNORE_INDEX, IMAGE_SPAN
 from mllmkit.testing.toy import ByteTokenizer, ToyTemplate

@@ -12,7 +12,7 @@ from mllmkit.train.optim import build_adamw, lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_min_lr():
-    kw = dict(lr=1e-3, total_steps=110, warmup_steps=10, warmup_lr=0.0, min_lr=1e-5)
+    kw = {"lr": 1e-3, "total_steps": 110, "warmup_steps": 10, "warmup_lr": 0.0, "min_lr": 1e-5}
     assert lr_at(0, **kw) == 0.0
     assert lr_at(5, **kw) == pytest.approx(5e-4)
     assert lr_at(10, **kw) == pytest.approx(1e-3)
@@ -24,7 +24,7 @@ def test_warmup_then_cosine_to_min_lr():
 
 def test_seed_hyper_parameters():
     # MiniGPT4Qwen: lr 1e-4, min_lr 1e-6, warmup 500 steps from warmup_lr 0
-    kw = dict(lr=1e-4, total_steps=11750, warmup_steps=500, min_lr=1e-6)
+    kw = {"lr": 1e-4, "total_steps": 11750, "warmup_steps": 500, "min_lr": 1e-6}
     assert lr_at(250, **kw) == pytest.approx(5e-5)
     assert lr_at(500, **kw) == pytest.approx(1e-4)
     assert lr_at(11750, **kw) == pytest.approx(1e-6)

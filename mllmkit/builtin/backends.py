@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -24,7 +25,7 @@ from mllmkit.interfaces import BuildContext
 from mllmkit.registry import ComponentSpec
 from mllmkit.train.engine import TorchEngine
 
-__all__ = ["SingleConfig", "DDPConfig", "SingleBackend", "DDPBackend", "SPECS", "pick_device"]
+__all__ = ["SPECS", "DDPBackend", "DDPConfig", "SingleBackend", "SingleConfig", "pick_device"]
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

@@ -22,8 +22,14 @@ from mllmkit.interfaces import BuildContext, Sample
 from mllmkit.registry import ComponentSpec
 from mllmkit.template import IMAGE_MARKER, IMAGE_SPAN
 
-__all__ = ["InstructionConfig", "LlavaConfig", "JsonAnnotations", "MiniGPT4QwenInstructions",
-           "LlavaConversations", "SPECS"]
+__all__ = [
+    "SPECS",
+    "InstructionConfig",
+    "JsonAnnotations",
+    "LlavaConfig",
+    "LlavaConversations",
+    "MiniGPT4QwenInstructions",
+]
 
 
 @config

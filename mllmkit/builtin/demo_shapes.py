@@ -19,7 +19,7 @@ from mllmkit.interfaces import BuildContext, Sample
 from mllmkit.registry import ComponentSpec
 from mllmkit.template import IMAGE_SPAN
 
-__all__ = ["DemoShapesConfig", "DemoShapes", "COLOURS", "SHAPES", "QUESTIONS", "SPECS"]
+__all__ = ["COLOURS", "QUESTIONS", "SHAPES", "SPECS", "DemoShapes", "DemoShapesConfig"]
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square", "triangle")

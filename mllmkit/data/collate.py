@@ -11,7 +11,8 @@ the attention mask comes from the lengths, never from comparing ids with the pad
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -20,7 +21,7 @@ from mllmkit.data.errors import MALFORMED_RECORD, MISSING_IMAGE, TOO_LONG, UNREA
 from mllmkit.interfaces import Sample
 from mllmkit.template import IGNORE_INDEX, ChatTemplate, SampleTooLong, encode_pieces
 
-__all__ = ["EncodedSample", "Batch", "SampleEncoder", "Collator", "EncodedDataset", "open_image"]
+__all__ = ["Batch", "Collator", "EncodedDataset", "EncodedSample", "SampleEncoder", "open_image"]
 
 
 @attrs.frozen

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 
 from mllmkit.errors import DataError
 
-__all__ = ["SampleError", "Skip", "SkipReport", "CAUSES",
-           "MISSING_IMAGE", "UNREADABLE_IMAGE", "MALFORMED_RECORD", "TOO_LONG"]
+__all__ = [
+    "CAUSES",
+    "MALFORMED_RECORD",
+    "MISSING_IMAGE",
+    "TOO_LONG",
+    "UNREADABLE_IMAGE",
+    "SampleError",
+    "Skip",
+    "SkipReport",
+]
 
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
@@ -43,7 +51,7 @@ class Skip:
     detail: str
 
     @classmethod
-    def from_error(cls, error: SampleError) -> "Skip":
+    def from_error(cls, error: SampleError) -> Skip:
         return cls(error.cause, error.source, error.index, error.detail)
 
 
@@ -63,7 +71,7 @@ class SkipReport:
         """Distinct skipped records per cause."""
         return dict(Counter(s.cause for s in self.seen.values()))
 
-    def merge(self, others: Iterable["SkipReport"]) -> None:
+    def merge(self, others: Iterable[SkipReport]) -> None:
         for other in others:
             for key, skip in other.seen.items():
                 self.seen.setdefault(key, skip)
@@ -83,5 +91,4 @@ class SkipReport:
 
     def write_jsonl(self, path) -> None:
         with open(path, "w", encoding="utf-8") as handle:
-            for s in sorted(self.seen.values(), key=lambda s: (s.source, s.index)):
-                handle.write(json.dumps(attrs.asdict(s)) + "\n")
+            handle.writelines(json.dumps(attrs.asdict(s)) + "\n" for s in sorted(self.seen.values(), key=lambda s: (s.source, s.index)))

@@ -9,11 +9,11 @@ batch as one process accumulating N times as many micro-batches.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["epoch_order", "group_by_length", "steps_per_epoch", "rank_micro_batches"]
+__all__ = ["epoch_order", "group_by_length", "rank_micro_batches", "steps_per_epoch"]
 
 Draw = tuple[int, int, int]
 

@@ -17,7 +17,8 @@ import pathlib
 import random
 import re
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,8 +26,17 @@ from mllmkit.checkpoint_formats import EXPORT_WEIGHTS
 from mllmkit.errors import UserError
 from mllmkit.weights import safe_torch_load
 
-__all__ = ["CHECKPOINT_DIR", "write_atomically", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "find_resume", "rng_state", "set_rng_state", "export"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "export",
+    "find_resume",
+    "list_checkpoints",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "write_atomically",
+]
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

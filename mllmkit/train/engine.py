@@ -13,7 +13,8 @@ state keyed by name), so a checkpoint written under one backend loads under anot
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from torch import nn
 from mllmkit.data.collate import Batch
 from mllmkit.interfaces import ParallelBackend
 
-__all__ = ["TorchEngine", "named_optimizer_state", "load_named_optimizer_state"]
+__all__ = ["TorchEngine", "load_named_optimizer_state", "named_optimizer_state"]
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

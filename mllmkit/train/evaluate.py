@@ -9,7 +9,8 @@ punctuation, ignoring case. Each rank evaluates every ``world_size``-th sample; 
 from __future__ import annotations
 
 import string
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from mllmkit.data.collate import SampleEncoder
 from mllmkit.data.errors import SampleError
 from mllmkit.interfaces import Sample
 
-__all__ = ["normalize_answer", "greedy_answers", "exact_match"]
+__all__ = ["exact_match", "greedy_answers", "normalize_answer"]
 
 
 def normalize_answer(text: str) -> str:

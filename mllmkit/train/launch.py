@@ -15,7 +15,7 @@ import sys
 
 from mllmkit.errors import UserError
 
-__all__ = ["run_command", "free_port", "default_run_dir", "torchrun_command"]
+__all__ = ["default_run_dir", "free_port", "run_command", "torchrun_command"]
 
 
 def free_port() -> int:

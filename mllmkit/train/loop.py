@@ -23,12 +23,19 @@ from mllmkit.data.sampling import epoch_order, group_by_length, rank_micro_batch
 from mllmkit.errors import UserError
 from mllmkit.interfaces import BuildContext
 from mllmkit.recipe import Recipe
-from mllmkit.train.checkpoint import export, find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mllmkit.train.checkpoint import (
+    export,
+    find_resume,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mllmkit.train.evaluate import exact_match
 from mllmkit.train.metrics import MetricsWriter
 from mllmkit.train.optim import build_adamw, make_lr_schedule
 
-__all__ = ["TrainResult", "train", "evaluate"]
+__all__ = ["TrainResult", "evaluate", "train"]
 
 
 @attrs.frozen

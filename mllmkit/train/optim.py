@@ -7,12 +7,12 @@ its own in a checkpoint: the step number restores it.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["lr_at", "make_lr_schedule", "param_groups", "build_adamw"]
+__all__ = ["build_adamw", "lr_at", "make_lr_schedule", "param_groups"]
 
 
 def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 0.0,
