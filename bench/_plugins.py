@@ -13,7 +13,7 @@ import pathlib
 import platform
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 for extra in (ROOT, *(ROOT / "plugins" / p for p in ("vision_eva", "bridge_qformer", "llm_qwen"))):
@@ -28,10 +28,11 @@ __all__ = ["ROOT", "register_plugins", "recipe", "cuda_times_ms", "matmul_tflops
 
 
 def register_plugins() -> None:
-    import mllmkit.builtin.hooks as builtin
     import mllmkit_bridge_qformer.hooks as qformer
     import mllmkit_llm_qwen.hooks as qwen
     import mllmkit_vision_eva.hooks as eva
+
+    import mllmkit.builtin.hooks as builtin
     from mllmkit.plugins import build_plugin_host, reset_plugin_host
 
     reset_plugin_host(build_plugin_host(entry_points=[], extra_plugins=[

@@ -23,7 +23,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _plugins as B  # noqa: E402
-
 import torch  # noqa: E402
 
 import mllmkit  # noqa: E402

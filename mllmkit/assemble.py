@@ -8,7 +8,8 @@ handing each bridge the previous width and the LLM's. ``build`` makes one compon
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 

@@ -9,7 +9,7 @@ Accepted: this project's export folder or ``trainable.safetensors``; a LAVIS run
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

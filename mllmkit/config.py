@@ -6,7 +6,8 @@ errors that the recipe loader reports with the exact key path (``model.llm.dtype
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import attrs
 

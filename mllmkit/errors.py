@@ -21,7 +21,7 @@ class RecipeError(UserError):
         self.detail = message
         super().__init__(self._render())
 
-    def with_file(self, file: str) -> "RecipeError":
+    def with_file(self, file: str) -> RecipeError:
         return RecipeError(self.key, self.detail, file=self.file or file)
 
     def _render(self) -> str:

@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ __all__ = ["generate", "Decoder", "decoder_for", "TokenCallback"]
 #: Called with each new token id, in order; returning True stops generation after that token.
 TokenCallback = Callable[[int], "bool | None"]
 
-_DECODERS: "weakref.WeakKeyDictionary[nn.Module, Decoder]" = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary[nn.Module, Decoder] = weakref.WeakKeyDictionary()
 _CACHE_LEN_STEP = 256  # static cache lengths are rounded up to this (one graph serves many prompts)
 
 
@@ -43,9 +43,13 @@ def _hf_model(llm: nn.Module) -> nn.Module:
 
 def _logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: float,
                        repetition_penalty: float):
-    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:

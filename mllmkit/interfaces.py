@@ -9,7 +9,8 @@ without reading weights through ``ComponentSpec.dims`` (see :class:`PartDims`).
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import torch

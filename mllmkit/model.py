@@ -8,7 +8,7 @@ only, applying the LLM head only at those positions (never a ``[B, T, vocab]`` l
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -72,7 +72,7 @@ class MLLM(nn.Module):
                 param.requires_grad_(trainable and param.is_floating_point())
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "MLLM":
+    def train(self, mode: bool = True) -> MLLM:
         super().train(mode)
         for name, part in self.parts():
             if not self.trainable_parts.get(name, False):

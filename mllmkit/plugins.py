@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Iterable
 from importlib import metadata
-from typing import Iterable
 
 import attrs
 import pluggy

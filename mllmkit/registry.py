@@ -7,7 +7,8 @@ kind (``vision``, ``bridge``, ``llm``, ``dataset``, ``parallel``), refuses a nam
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 

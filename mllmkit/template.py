@@ -10,7 +10,8 @@ the image placeholder id in each marker's place.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import attrs
 

@@ -13,7 +13,8 @@ import json
 import pathlib
 import pickle
 import re
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import attrs
 import torch

@@ -19,7 +19,7 @@ from torch import nn
 from mllmkit.config import config, positive
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
-from mllmkit.weights import KeyMap, WeightsError, load_into, safe_torch_load
+from mllmkit.weights import KeyMap, WeightsError, load_into
 
 __all__ = ["LinearBridgeConfig", "MLPBridgeConfig", "LinearBridge", "MLPBridge", "SPECS"]
 

@@ -87,7 +87,7 @@ class SkipReport:
         counts = ", ".join(f"{cause} {n}" for cause, n in sorted(self.counts().items()))
         lines = self.lines()
         more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
-        return "\n".join([f"skipped {len(self.seen)} record(s): {counts}", *("  " + l for l in lines[:limit]), *more])
+        return "\n".join([f"skipped {len(self.seen)} record(s): {counts}", *("  " + line for line in lines[:limit]), *more])
 
     def write_jsonl(self, path) -> None:
         with open(path, "w", encoding="utf-8") as handle:

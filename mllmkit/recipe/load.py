@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import pathlib
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from mllmkit.errors import RecipeError
 
@@ -26,12 +27,12 @@ class SourcedStr(str):
 
     base_dir: pathlib.Path
 
-    def __new__(cls, value: str, base_dir: pathlib.Path) -> "SourcedStr":
+    def __new__(cls, value: str, base_dir: pathlib.Path) -> SourcedStr:
         obj = super().__new__(cls, value)
         obj.base_dir = base_dir
         return obj
 
-    def __deepcopy__(self, memo: dict) -> "SourcedStr":
+    def __deepcopy__(self, memo: dict) -> SourcedStr:
         return self
 
 

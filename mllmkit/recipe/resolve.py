@@ -8,7 +8,8 @@ attrs config class. Every error is a :class:`~mllmkit.errors.RecipeError` with f
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import attrs
 
 from mllmkit.chat.settings import GenerationSettings
-from mllmkit.config import between, non_negative, positive
+from mllmkit.config import non_negative, positive
 
 __all__ = ["ModelSection", "DataSection", "TrainSection", "ChatSection", "RecipeSchema"]
 

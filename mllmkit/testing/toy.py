@@ -7,7 +7,7 @@ and ``toy_llm``). Registered by :mod:`mllmkit.testing.pytest_plugin` fixtures, n
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import attrs
 import torch
