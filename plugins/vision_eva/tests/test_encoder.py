@@ -113,3 +113,44 @@ def test_satisfies_the_vision_encoder_protocol():
     enc = build_preset(EVA_TINY, EvaTinyConfig(), CTX)
     assert isinstance(enc, VisionEncoder)
     assert len(enc.blocks()) == 2 and all(type(b).__name__ == "EvaBlock" for b in enc.blocks())
+
+
+def _sincos_reference(grid: int, width: int) -> torch.Tensor:
+    """MAE's 2-D sin-cos table written out: per patch (row, col), width/4 frequencies each of
+    sin(row·ω), sin(col·ω), cos(row·ω), cos(col·ω), ω_k = 10000^(-k / (width/4)); row-major patches."""
+    quarter = width // 4
+    rows = []
+    for row in range(grid):
+        for col in range(grid):
+            values = []
+            for fn in (math.sin, math.cos):
+                for coord in (row, col):
+                    values += [fn(coord * 10000.0 ** (-k / quarter)) for k in range(quarter)]
+            rows.append(values)
+    return torch.tensor(rows)
+
+
+def test_pos_embed_init_sincos_is_the_2d_table_and_tiny_default():
+    assert EvaTinyConfig().pos_embed_init == "sincos" and EvaViTGConfig().pos_embed_init == "normal"
+    enc = build_preset(EVA_TINY, EvaTinyConfig(), CTX)
+    pos = enc.vit.pos_embed.detach()[0]
+    assert pos.shape == (17, 64)
+    assert torch.equal(pos[0], torch.zeros(64))  # the class token has no position
+    torch.testing.assert_close(pos[1:], _sincos_reference(4, 64), rtol=0, atol=1e-6)
+    # the table is a trainable starting point, not a frozen buffer
+    trainable = build_preset(EVA_TINY, EvaTinyConfig(trainable=True), CTX)
+    assert trainable.vit.pos_embed.requires_grad
+
+
+def test_pos_embed_init_normal_is_small_random():
+    torch.manual_seed(0)
+    pos = build_preset(EVA_TINY, EvaTinyConfig(pos_embed_init="normal"), CTX).vit.pos_embed.detach()
+    assert 0.015 < pos.std().item() < 0.025  # timm's trunc-normal(0.02)
+    with pytest.raises(ValueError, match="pos_embed_init must be 'normal' or 'sincos', got 'rope'"):
+        build_eva(image_size=56, patch_size=14, width=64, depth=1, num_heads=4, mlp_dim=256, pos_embed_init="rope")
+
+
+def test_pos_embed_init_is_ignored_on_meta():
+    enc = build_eva(image_size=56, patch_size=14, width=64, depth=1, num_heads=4, mlp_dim=256,
+                    pos_embed_init="sincos", device="meta")
+    assert enc.vit.pos_embed.is_meta
