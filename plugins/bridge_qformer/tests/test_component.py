@@ -128,7 +128,7 @@ def test_wrong_explicit_width_is_rejected_naming_the_key(wiring_host, toy_chain_
     with pytest.raises(RecipeError) as info:
         mllmkit.check_wiring(recipe)
     assert info.value.key == "model.bridges[0].vision_width"
-    assert str(info.value) == ("model.bridges[0].vision_width: expected 24 (the output width of the part before "
+    assert str(info.value) == ("<recipe>: model.bridges[0].vision_width: expected 24 (the output width of the part before "
                                "this bridge), found 99; set vision_width = 24 or leave it out to infer it")
 
 
