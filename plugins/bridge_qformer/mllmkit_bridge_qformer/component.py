@@ -88,7 +88,6 @@ def _builder(shape: QFormerShape):
             vision_width=_vision_width(cfg, ctx), hidden=shape.hidden, num_layers=cfg.num_layers,
             num_heads=shape.num_heads, ffn=shape.ffn, num_query_tokens=cfg.num_query_tokens,
             cross_attention_freq=cfg.cross_attention_freq, layer_norm_eps=shape.layer_norm_eps,
-            init_std=shape.init_std,
             device="meta" if cfg.weights is not None else None,
         )
         if cfg.weights is not None:

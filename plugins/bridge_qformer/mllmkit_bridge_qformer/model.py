@@ -31,16 +31,12 @@ class QFormerShape:
     num_heads: int
     ffn: int
     layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
-    """Std of the random init of the Q-Former's weights (transformers' ``initializer_range``)."""
 
 
 QFORMER_BASE = QFormerShape(hidden=768, num_heads=12, ffn=3072)
 """bert-base-uncased (hidden 768, 12 heads, FFN 3072, LayerNorm eps 1e-12, GELU), as BLIP-2 uses it."""
-QFORMER_TINY = QFormerShape(hidden=64, num_heads=4, ffn=128, init_std=0.125)
-"""A toy Q-Former for tests and the CPU demo. Its random init std is 1/sqrt(64) = 0.125 rather than
-BERT's 0.02: at width 64 a 0.02 init shrinks the image signal ~6× per linear layer, and a demo
-trained from scratch then learns only the colour (2 000 steps: shape/count/position at chance)."""
+QFORMER_TINY = QFormerShape(hidden=64, num_heads=4, ffn=128)
+"""A toy Q-Former for tests and the CPU demo."""
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -79,13 +75,13 @@ class QFormerBridge(nn.Module):
 
 def build_qformer(*, vision_width: int, hidden: int, num_layers: int, num_heads: int, ffn: int,
                   num_query_tokens: int, cross_attention_freq: int = 2, layer_norm_eps: float = 1e-12,
-                  init_std: float = 0.02, device: torch.device | str | None = None) -> QFormerBridge:
+                  device: torch.device | str | None = None) -> QFormerBridge:
     """A Q-Former bridge of the given size; ``device="meta"`` builds it without storage (to stream weights)."""
     config = Blip2QFormerConfig(
         hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
         intermediate_size=ffn, hidden_act="gelu", layer_norm_eps=layer_norm_eps,
         cross_attention_frequency=cross_attention_freq, encoder_hidden_size=vision_width,
-        use_qformer_text_input=False, initializer_range=init_std,
+        use_qformer_text_input=False,
     )
     with torch.device(device or "cpu"):
         return QFormerBridge(Blip2QFormerModel(config), vision_width, num_query_tokens)

@@ -4,19 +4,13 @@ Options (recipe table ``[model.vision]``): ``weights`` (LAVIS ``eva_vit_g.pth``;
 init, logged), ``image_size`` (position embedding interpolated from the file's grid),
 ``num_blocks`` (blocks built = feature layer; BLIP-2 uses 39 of 40), ``precision`` (weights in
 fp16/bf16/fp32, LayerNorms fp32), ``grad_checkpointing``, ``trainable`` (default false: frozen, eval
-mode), ``hflip`` (random horizontal flip in the train transform, default false) and
-``pos_embed_init`` (random init of the position embedding: ``"normal"``, timm's trunc-normal 0.02,
-or ``"sincos"``, the fixed 2-D sin-cos table of MAE/BEiT; ignored when ``weights`` are loaded).
-``eva_vit_g`` defaults to ``"normal"`` (its real weights come from a file); ``eva_tiny``, mostly
-trained from scratch, defaults to ``"sincos"``: with a 0.02 table the random encoder's tokens are
-nearly position-free and a from-scratch demo cannot learn where or how many shapes there are.
+mode) and ``hflip`` (random horizontal flip in the train transform, default false).
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Literal
 
 import attrs
 
@@ -28,8 +22,6 @@ from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, EvaArch, EvaVisionEn
 __all__ = ["SPECS", "EvaTinyConfig", "EvaViTGConfig", "build_preset", "dims_of"]
 
 logger = logging.getLogger(__name__)
-
-PosEmbedInit = Literal["normal", "sincos"]
 
 
 def _multiple_of_patch(patch: int):
@@ -51,8 +43,6 @@ class EvaViTGConfig:
     grad_checkpointing: bool = False
     trainable: bool = False
     hflip: bool = False
-    pos_embed_init: PosEmbedInit = "normal"
-    """Random init of the position embedding (no ``weights``): trunc-normal 0.02 or 2-D sin-cos."""
 
 
 @config
@@ -67,8 +57,6 @@ class EvaTinyConfig:
     grad_checkpointing: bool = False
     trainable: bool = False
     hflip: bool = False
-    pos_embed_init: PosEmbedInit = "sincos"
-    """Random init of the position embedding (no ``weights``): 2-D sin-cos or trunc-normal 0.02."""
 
 
 def dims_of(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig) -> PartDims:
@@ -83,8 +71,7 @@ def build_preset(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig, ctx: BuildCo
     device = "cpu" if cfg.weights is None else "meta"
     encoder = build_eva(image_size=cfg.image_size, patch_size=arch.patch_size, width=arch.width,
                         depth=cfg.num_blocks, num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, precision=dtype,
-                        grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip,
-                        pos_embed_init=cfg.pos_embed_init, device=device)
+                        grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip, device=device)
     if cfg.weights is None:
         logger.warning("%s: no weights given: EVA encoder (%d blocks, width %d) is randomly initialised",
                        ctx.key, cfg.num_blocks, arch.width)

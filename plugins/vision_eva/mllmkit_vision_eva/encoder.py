@@ -30,7 +30,6 @@ __all__ = [
     "apply_precision",
     "build_eva",
     "init_nonpersistent_buffers",
-    "init_sincos_pos_embed",
 ]
 
 
@@ -161,44 +160,16 @@ def init_nonpersistent_buffers(module: nn.Module, device: torch.device | str = "
                                     persistent=persistent)
 
 
-def init_sincos_pos_embed(encoder: EvaVisionEncoder) -> None:
-    """Set the position embedding to the fixed 2-D sin-cos table of MAE/BEiT (still a trainable parameter).
-
-    Patch tokens get timm's ``build_sincos2d_pos_embed`` of the patch grid (a quarter of the width each
-    for sin(row), sin(col), cos(row), cos(col) over geometric frequencies); the class token gets zeros.
-    Values lie in [-1, 1], on the scale of the patch embeddings, so a randomly initialised encoder
-    sees where each patch is from the first step instead of a near-invisible normal(0, 0.02) table.
-    """
-    from timm.layers import build_sincos2d_pos_embed
-
-    grid = encoder.image_size // encoder.patch_size
-    if encoder.out_dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {encoder.out_dim}")
-    table = build_sincos2d_pos_embed([grid, grid], dim=encoder.out_dim)
-    pos_embed = encoder.vit.pos_embed
-    with torch.no_grad():
-        pos_embed[0, 0].zero_()
-        pos_embed[0, 1:].copy_(table.to(pos_embed.dtype))
-
-
 def build_eva(*, image_size: int, patch_size: int, width: int, depth: int, num_heads: int, mlp_dim: int,
               precision: torch.dtype = torch.float32, grad_checkpointing: bool = False, hflip: bool = False,
-              trainable: bool = False, pos_embed_init: str = "normal",
-              device: torch.device | str | None = None) -> EvaVisionEncoder:
+              trainable: bool = False, device: torch.device | str | None = None) -> EvaVisionEncoder:
     """Build an EVA encoder of ``depth`` blocks. ``device="meta"`` builds without memory (for loading).
 
-    With a real device the weights get timm's EVA initialisation (trunc-normal, zero biases); the
-    position embedding is trunc-normal(0.02) too with ``pos_embed_init="normal"``, or the fixed 2-D
-    sin-cos table with ``"sincos"`` (:func:`init_sincos_pos_embed`). On the meta device nothing is
-    initialised (the weights come from a file).
+    With a real device the weights get timm's EVA initialisation (trunc-normal, zero biases).
     """
-    if pos_embed_init not in ("normal", "sincos"):
-        raise ValueError(f"pos_embed_init must be 'normal' or 'sincos', got {pos_embed_init!r}")
     with torch.device(device or "cpu"):
         encoder = EvaVisionEncoder(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
                                    num_heads=num_heads, mlp_dim=mlp_dim, grad_checkpointing=grad_checkpointing,
                                    hflip=hflip)
-    if pos_embed_init == "sincos" and not encoder.vit.pos_embed.is_meta:
-        init_sincos_pos_embed(encoder)
     apply_precision(encoder, precision)
     return encoder.set_trainable(trainable)
