@@ -22,7 +22,22 @@ from torch import nn
 from mllmkit.data.collate import Batch
 from mllmkit.interfaces import ParallelBackend
 
-__all__ = ["TorchEngine", "load_named_optimizer_state", "named_optimizer_state"]
+__all__ = ["TorchEngine", "load_named_optimizer_state", "named_optimizer_state", "micro_batch_loss"]
+
+
+def micro_batch_loss(total: torch.Tensor, tokens: torch.Tensor, reduction: str, world: int,
+                     global_tokens: float, global_nonempty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's share of the optimizer step's loss (what to backpropagate) and its sample mean.
+
+    ``token``: summed token loss over every labelled token of the step on all ranks (times ``world``,
+    since gradient reduction averages over ranks). ``sample``: the seed's per-micro-batch mean, averaged
+    over the non-empty micro-batches of the step. The second value is the detached micro-batch mean
+    for logging (0 under ``token``).
+    """
+    if reduction == "token":
+        return total * world / max(global_tokens, 1.0), torch.zeros((), dtype=torch.float64)
+    mean = total / tokens.clamp(min=1)
+    return mean * world / max(global_nonempty, 1.0), mean.detach().double().cpu()
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -104,12 +119,9 @@ class TorchEngine:
                     with self._autocast():
                         total, tokens = self.forward_module(**batch.model_inputs(self.device))
                     loss_sum += total.detach().double().cpu()
-                    if self.settings.loss_reduction == "token":
-                        scaled = total * world / max(global_tokens, 1.0)
-                    else:
-                        mean = total / tokens.clamp(min=1)
-                        sample_means += mean.detach().double().cpu()
-                        scaled = mean * world / max(global_nonempty, 1.0)
+                    scaled, mean = micro_batch_loss(total, tokens, self.settings.loss_reduction, world,
+                                                    global_tokens, global_nonempty)
+                    sample_means += mean
                 self.scaler.scale(scaled).backward()
         self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.named_trainable]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mllmkit.data.collate import Batch
+from mllmkit.train.engine import micro_batch_loss
 from mllmkit.train.optim import param_groups
 from mllmkit_parallel_deepspeed.configs import ZeroConfig
 from mllmkit_parallel_deepspeed.runtime import DeepSpeedBackendBase, count_window, dp_batch_config
@@ -159,12 +160,9 @@ class ZeroEngine:
                 with self._autocast():
                     total, tokens = self.engine(**batch.model_inputs(self.device))
                 loss_sum += total.detach().double().cpu()
-                if self.settings.loss_reduction == "token":
-                    scaled = total * world / max(global_tokens, 1.0)
-                else:
-                    mean = total / tokens.clamp(min=1)
-                    sample_means += mean.detach().double().cpu()
-                    scaled = mean * world / max(global_nonempty, 1.0)
+                scaled, mean = micro_batch_loss(total, tokens, self.settings.loss_reduction, world,
+                                                global_tokens, global_nonempty)
+                sample_means += mean
             self.engine.backward(scaled.float(), scale_wrt_gas=False)
             self.engine.step()
         norm = self.engine.get_global_grad_norm()
