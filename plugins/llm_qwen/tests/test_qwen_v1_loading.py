@@ -173,17 +173,15 @@ def test_dims_from_config_only(v1_folder):
 def test_dims_of_the_real_config_files():
     import pathlib
 
-    formats = pathlib.Path(__file__).resolve().parents[3].parent / "shared" / "formats" / "qwen7b_chat"
-    if not formats.is_dir():
-        pytest.skip(f"{formats} (the shared format manifests) is not present in this checkout")
+    data = pathlib.Path(__file__).parent / "data"
+    first, later = data / "qwen7b_chat_first_release.config.json", data / "qwen7b_chat_later_format.config.json"
     from mllmkit_llm_qwen.convert import qwen_v1_hf_config, qwen_v1_max_positions
 
-    for config_file in (formats / "config.json", formats / "derivative_stvlynn_cantonese" / "config.json"):
+    for config_file in (first, later):
         raw = json.loads(config_file.read_text())
         hf = qwen_v1_hf_config(raw)
         assert (hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.intermediate_size,
                 hf.vocab_size) == (4096, 32, 32, 11008, 151936)
         assert hf.rms_norm_eps == 1e-6 and hf.rope_parameters["rope_theta"] == 10000
-    assert qwen_v1_max_positions(json.loads((formats / "config.json").read_text())) == 2048
-    assert qwen_v1_max_positions(json.loads((formats / "derivative_stvlynn_cantonese" / "config.json")
-                                            .read_text())) == 8192
+    assert qwen_v1_max_positions(json.loads(first.read_text())) == 2048
+    assert qwen_v1_max_positions(json.loads(later.read_text())) == 8192
