@@ -14,18 +14,7 @@ import torch
 from mllmkit.chat import ChatSession, GenerationSettings, chat_session
 from mllmkit.chat.repl import HELP, run_repl
 from mllmkit.cli import main
-
-
-def letters_only(model) -> None:
-    """Let the toy LLM emit only a-z, space and <end> (so answers are printable single lines)."""
-    hf = model.llm.hf_model
-    head = torch.nn.Linear(hf.lm_head.in_features, hf.lm_head.out_features, bias=True)
-    allowed = [*range(ord("a"), ord("z") + 1), ord(" "), 259]
-    with torch.no_grad():
-        head.weight.copy_(hf.lm_head.weight)
-        head.bias.fill_(-1e4)
-        head.bias[allowed] = 0.0
-    hf.lm_head = head
+from mllmkit.testing.toy import letters_only
 
 
 @pytest.fixture

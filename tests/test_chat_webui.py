@@ -12,20 +12,9 @@ import torch
 
 from mllmkit.chat import ChatSession, chat_session
 from mllmkit.errors import UserError
+from mllmkit.testing.toy import letters_only
 
 gradio = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'mllmkit[webui]')")
-
-
-def letters_only(model) -> None:
-    """Let the toy LLM emit only a-z, space and <end> (answers render the same as markdown)."""
-    hf = model.llm.hf_model
-    head = torch.nn.Linear(hf.lm_head.in_features, hf.lm_head.out_features, bias=True)
-    allowed = [*range(ord("a"), ord("z") + 1), ord(" "), 259]
-    with torch.no_grad():
-        head.weight.copy_(hf.lm_head.weight)
-        head.bias.fill_(-1e4)
-        head.bias[allowed] = 0.0
-    hf.lm_head = head
 
 
 def free_port() -> int:

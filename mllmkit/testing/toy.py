@@ -20,7 +20,8 @@ from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
 from mllmkit.template import Message, Piece, text_pieces
 
-__all__ = ["ToyVision", "ByteTokenizer", "ToyTemplate", "build_toy_llm", "ToyVisionConfig", "ToyLLMConfig"]
+__all__ = ["ToyVision", "ByteTokenizer", "ToyTemplate", "build_toy_llm", "ToyVisionConfig", "ToyLLMConfig",
+           "letters_only"]
 
 
 @config
@@ -125,6 +126,18 @@ def build_toy_llm(cfg: ToyLLMConfig, ctx: BuildContext | None = None) -> HFCausa
                             max_position_embeddings=512, pad_token_id=tokenizer.special_ids["<pad>"],
                             eos_token_id=tokenizer.special_ids["<end>"], bos_token_id=None)
     return HFCausalLM(LlamaForCausalLM(hf_config), tokenizer, ToyTemplate(tokenizer), max_positions=512)
+
+
+def letters_only(model: nn.Module) -> None:
+    """Let a toy-LLM MLLM emit only a–z, space and ``<end>``: answers are printable single lines."""
+    hf = model.llm.hf_model
+    head = nn.Linear(hf.lm_head.in_features, hf.lm_head.out_features, bias=True)
+    allowed = [*range(ord("a"), ord("z") + 1), ord(" "), ByteTokenizer().special_ids["<end>"]]
+    with torch.no_grad():
+        head.weight.copy_(hf.lm_head.weight)
+        head.bias.fill_(-1e4)
+        head.bias[allowed] = 0.0
+    hf.lm_head = head
 
 
 def _build_vision(cfg: ToyVisionConfig, ctx: BuildContext) -> ToyVision:
