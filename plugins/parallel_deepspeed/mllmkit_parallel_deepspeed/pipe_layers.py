@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmkit.template import IGNORE_INDEX
+from mllmkit_parallel_deepspeed.layer_inputs import LayerInputsCache
 
 __all__ = [
     "DecoderLayer",
@@ -79,25 +80,21 @@ class EmbedLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One LLM decoder layer; recomputes positions, causal mask and rotary embedding locally."""
+    """One LLM decoder layer; positions, causal mask and rotary embedding come from the stage's
+    :class:`LayerInputsCache` (built once per micro-batch on each stage)."""
 
-    def __init__(self, model: nn.Module, index: int, checkpointing: bool = False) -> None:
+    def __init__(self, model: nn.Module, index: int, inputs: LayerInputsCache, checkpointing: bool = False) -> None:
         super().__init__()
         self.layer = model.llm.layers()[index]
         self.rotary = model.llm.rotary  # no parameters; every stage needs its buffers
         self.index = index
         self.checkpointing = checkpointing
-        object.__setattr__(self, "config", model.llm.hf_model.config)
+        config = model.llm.hf_model.config
+        self.kind = (getattr(config, "layer_types", None) or ["full_attention"] * (index + 1))[index]
+        object.__setattr__(self, "inputs", inputs)  # shared by the stage's layers, not a submodule
 
     def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kind = (getattr(self.config, "layer_types", None) or ["full_attention"] * (self.index + 1))[self.index]
-        make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        mask = make_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                         position_ids=position_ids)
-        rotary = self.rotary(hidden, position_ids)
+        mask, position_ids, rotary = self.inputs.get(self.kind, hidden, attention_mask)
         out = self.layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
         return out[0] if isinstance(out, tuple) else out
 
@@ -149,7 +146,8 @@ class LabelledLoss:
 def pipeline_layers(model: nn.Module, checkpointing: bool = False) -> list[nn.Module]:
     """``[EmbedLayer, DecoderLayer × n_layers, FinalLayer]`` over the MLLM's own modules."""
     n = len(model.llm.layers())
-    return [EmbedLayer(model), *(DecoderLayer(model, i, checkpointing) for i in range(n)), FinalLayer(model)]
+    inputs = LayerInputsCache(model.llm.hf_model.config, model.llm.rotary)
+    return [EmbedLayer(model), *(DecoderLayer(model, i, inputs, checkpointing) for i in range(n)), FinalLayer(model)]
 
 
 def _init_(param: torch.Tensor, owner: nn.Module, generator: torch.Generator) -> None:
