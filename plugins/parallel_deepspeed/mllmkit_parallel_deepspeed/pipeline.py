@@ -35,6 +35,7 @@ from mllmkit.data.collate import Batch
 from mllmkit.errors import UserError
 from mllmkit.train.engine import named_optimizer_state
 from mllmkit_parallel_deepspeed.configs import PipelineConfig
+from mllmkit_parallel_deepspeed.known_shapes import KnownShapeTransfers
 from mllmkit_parallel_deepspeed.partition import Plan, format_plan, layer_costs, plan_partition
 from mllmkit_parallel_deepspeed.pipe_layers import (
     LabelledLoss,
@@ -148,6 +149,7 @@ class PipelineEngine:
         config = pipeline_ds_config(cfg, train, backend.world_size)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.engine, self.optimizer = engine, ds_optimizer
+        self.transfers = KnownShapeTransfers(engine, model.llm.hf_model.config.hidden_size)
         inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
         self._clip_group = engine.grid.get_pipe_parallel_group() if cfg.zero_stage == 0 else None
         original_step = inner.step
@@ -205,6 +207,7 @@ class PipelineEngine:
         self.loss.scale = ga * dp / max(denominator, 1.0)
         self.engine.train()
         self.model.train()
+        self.transfers.expect(tuple(b.input_ids.shape) for b in micro_batches)
         with self._autocast():
             loss = self.engine.train_batch(data_iter=self._items(micro_batches))
         self.step += 1
@@ -218,6 +221,7 @@ class PipelineEngine:
             return 0.0, 0
         self.loss.scale = 1.0
         self.engine.eval()
+        self.transfers.expect([tuple(batch.input_ids.shape)])
         with self._autocast():
             loss = self.engine.eval_batch(self._items([batch]), num_micro_batches=1)
         return float(loss), batch.num_tokens
