@@ -51,7 +51,7 @@ def register_plugins() -> None:
         ("parallel_deepspeed", deepspeed_hooks)]))
 
 
-def recipe_dict(tiny: bool, stages: int, parallel: str) -> dict:
+def recipe_dict(tiny: bool, stages: int, parallel: str, micro: int, accum: int) -> dict:
     device = "cpu" if tiny else "auto"
     return {
         "model": {
@@ -60,7 +60,7 @@ def recipe_dict(tiny: bool, stages: int, parallel: str) -> dict:
             "llm": {"type": "qwen", "preset": "qwen_tiny" if tiny else "qwen14b_chat",
                     "dtype": "fp32" if tiny else "bf16"},
         },
-        "train": {"micro_batch_size": 2 if tiny else 4, "grad_accum": 2 if tiny else 16, "max_text_len": 224,
+        "train": {"micro_batch_size": micro, "grad_accum": accum, "max_text_len": 224,
                   "precision": "fp32" if tiny else "bf16", "device": device, "lr": 1e-4, "warmup_steps": 1,
                   "betas": [0.9, 0.99], "eps": 1e-7, "grad_clip": 1.0, "seed": 42},
         "parallel": {"type": parallel, **({"num_stages": stages, "activation_checkpointing": True}
@@ -92,7 +92,28 @@ def synthetic_batches(model, n: int, micro: int, text_len: int, seed: int):
     return out
 
 
-def run_worker(mode: str, tiny: bool, steps: int, out: pathlib.Path) -> None:
+def profile_one_step(engine, batches, table: pathlib.Path) -> dict:
+    """One more step under torch.profiler: this rank's GPU time in compute kernels vs NCCL kernels
+    (which spin while they wait) against the step's wall time; the op tables go to ``table``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        engine.train_step(batches)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    nccl = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower()) / 1e6
+    compute = sum(e.self_device_time_total for e in kernels) / 1e6 - nccl
+    table.write_text(events.table(sort_by="self_cuda_time_total", row_limit=30) + "\n"
+                     + events.table(sort_by="self_cpu_time_total", row_limit=30))
+    return {"profiled_wall_s": wall, "gpu_compute_s": compute, "nccl_kernel_s": nccl}
+
+
+def run_worker(mode: str, tiny: bool, steps: int, shape: str, out: pathlib.Path) -> None:
     import functools
 
     import torch
@@ -101,10 +122,11 @@ def run_worker(mode: str, tiny: bool, steps: int, out: pathlib.Path) -> None:
     from mllmkit.train.optim import build_adamw, make_lr_schedule
 
     register_plugins()
-    recipe = load_recipe(recipe_dict(tiny, 2, "pipeline" if mode == "pipeline" else "single"))
+    micro, accum = (int(n) for n in shape.split("x"))
+    recipe = load_recipe(recipe_dict(tiny, 2, "pipeline" if mode == "pipeline" else "single", micro, accum))
     settings = recipe.train
     cuda = torch.cuda.is_available() and not tiny
-    result: dict = {"mode": mode}
+    result: dict = {"mode": mode, "shape": shape}
     t0 = time.perf_counter()
     if mode == "pipeline":
         from mllmkit_parallel_deepspeed.specs import _build_pipeline
@@ -163,13 +185,19 @@ def run_worker(mode: str, tiny: bool, steps: int, out: pathlib.Path) -> None:
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory in a training step: {str(exc).splitlines()[0]}"
     step_s = statistics.median(times) if times else float("nan")
+    profile = {}
+    if cuda and times:
+        logs = ROOT / "bench" / "results" / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        profile = profile_one_step(engine, batches, logs / f"pipeline_14b_{shape}_{mode}_rank{getattr(backend, 'global_rank', 0)}.txt")
+        profile["busy_fraction"] = profile["gpu_compute_s"] / step_s
     global_batch = settings.micro_batch_size * settings.grad_accum * backend.world_size
     result.update({"steps_timed": len(times), "step_s": step_s, "step_times_s": times, "losses": losses,
                    "global_batch": global_batch, "samples_per_s": global_batch / step_s if times else None,
                    "tokens_per_sample": settings.max_text_len + model.tokens_per_image})
     memory = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-              "local_params": sum(p.numel() for p in model.parameters() if not p.is_meta)}
+              "local_params": sum(p.numel() for p in model.parameters() if not p.is_meta), **profile}
     if mode == "pipeline":
         per_rank = backend.all_gather_object({"rank": backend.global_rank, "stage": backend.stage, **memory})
         result["per_rank"] = per_rank
@@ -186,11 +214,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny parts")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--shapes", default="4x16,8x8",
+                        help="comma-separated MICROxACCUM: micro-batch size x micro-batches per step")
     parser.add_argument("--worker", choices=["pipeline", "single"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker, args.tiny, args.steps, pathlib.Path(args.out))
+        run_worker(args.worker, args.tiny, args.steps, args.shapes, pathlib.Path(args.out))
         return 0
 
     import socket
@@ -206,27 +236,31 @@ def main() -> int:
     if args.tiny:
         env.setdefault("DS_ACCELERATOR", "cpu")
     flags = ["--tiny"] if args.tiny else []
-    runs = {}
-    for mode in ("pipeline", "single"):
-        out = work / f"{mode}.json"
-        out.unlink(missing_ok=True)
-        if mode == "pipeline":
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                       "127.0.0.1", "--master_port", str(port), __file__, "--worker", mode, "--out", str(out)]
-        else:
-            command = [sys.executable, __file__, "--worker", mode, "--out", str(out)]
-        start = time.perf_counter()
-        code = subprocess.call(command + flags + ["--steps", str(args.steps)], env=env)
-        runs[mode] = json.loads(out.read_text()) if out.is_file() else {"error": f"exit code {code}, no result"}
-        runs[mode]["wall_s"] = time.perf_counter() - start
-        print(f"{mode}: {json.dumps({k: v for k, v in runs[mode].items() if k not in ('step_times_s',)}, default=str)}")
-    pipe, single = runs["pipeline"], runs["single"]
-    speedup = (pipe["samples_per_s"] / single["samples_per_s"]
-               if pipe.get("samples_per_s") and single.get("samples_per_s") else None)
+    shapes = ["2x2"] if args.tiny else args.shapes.split(",")
+    comparisons = []
+    for shape in shapes:
+        runs = {}
+        for mode in ("pipeline", "single"):
+            out = work / f"{mode}.json"
+            out.unlink(missing_ok=True)
+            if mode == "pipeline":
+                command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), __file__, "--worker", mode, "--out", str(out)]
+            else:
+                command = [sys.executable, __file__, "--worker", mode, "--out", str(out)]
+            start = time.perf_counter()
+            code = subprocess.call(command + flags + ["--steps", str(args.steps), "--shapes", shape], env=env)
+            runs[mode] = json.loads(out.read_text()) if out.is_file() else {"error": f"exit code {code}, no result"}
+            runs[mode]["wall_s"] = time.perf_counter() - start
+            print(f"{shape} {mode}: {json.dumps({k: v for k, v in runs[mode].items() if k != 'step_times_s'}, default=str)}")
+        pipe, single = runs["pipeline"], runs["single"]
+        speedup = (pipe["samples_per_s"] / single["samples_per_s"]
+                   if pipe.get("samples_per_s") and single.get("samples_per_s") else None)
+        comparisons.append({"shape": shape, "pipeline_2_stages": pipe, "one_gpu": single,
+                            "speedup_samples_per_s": speedup})
     import transformers
 
-    result = {"bench": "pipeline_14b", "tiny": args.tiny, "pipeline_2_stages": pipe, "one_gpu": single,
-              "speedup_samples_per_s": speedup,
+    result = {"bench": "pipeline_14b", "tiny": args.tiny, "comparisons": comparisons,
               "environment": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                               "gpus": torch.cuda.device_count(), "torch": torch.__version__,
                               "transformers": transformers.__version__}}
@@ -234,7 +268,11 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pipeline_14b.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {path}; speedup (samples/s, 2-stage pipeline vs one GPU): {speedup}")
+    print(f"wrote {path}")
+    print(f"{'shape':>6} {'pipeline/s':>11} {'one GPU/s':>10} {'speedup':>8}")
+    for c in comparisons:
+        print(f"{c['shape']:>6} {c['pipeline_2_stages'].get('samples_per_s') or float('nan'):11.2f} "
+              f"{c['one_gpu'].get('samples_per_s') or float('nan'):10.2f} {c['speedup_samples_per_s'] or float('nan'):8.2f}")
     return 0
 
 
