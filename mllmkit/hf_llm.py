@@ -9,15 +9,23 @@ holds no family-specific code.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mllmkit.interfaces import Tokenizer
 from mllmkit.template import ChatTemplate
 
 __all__ = ["HFCausalLM", "new_hf_model", "finish_meta_load"]
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 class HFCausalLM(nn.Module):
@@ -66,16 +74,17 @@ class HFCausalLM(nn.Module):
         return self.head(hidden)
 
     def gradient_checkpointing(self, enabled: bool) -> None:
-        # transformers >= 5.2x names it activation_checkpointing_*; older 5.x gradient_checkpointing_*
-        if hasattr(self.hf_model, "activation_checkpointing_enable"):
+        """Recompute each decoder layer in backward instead of keeping its activations.
+
+        transformers' own switch only acts on modules in training mode, and a frozen LLM stays in eval
+        mode (``MLLM.train``) although gradients still flow through it to the bridge; so the layers'
+        ``forward`` is wrapped here, checkpointing whenever autograd records.
+        """
+        for layer in self.layers():
             if enabled:
-                self.hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                layer.forward = functools.partial(_checkpointed_forward, type(layer).forward.__get__(layer))
             else:
-                self.hf_model.activation_checkpointing_disable()
-        elif enabled:
-            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.hf_model.gradient_checkpointing_disable()
+                layer.__dict__.pop("forward", None)
 
     def _check_length(self, length: int) -> None:
         if self.max_positions is not None and length > self.max_positions:
