@@ -194,7 +194,7 @@ def main() -> None:
 
     # -- seed-faithful --
     llm.gradient_checkpointing(True)
-    hf.train()  # HF applies checkpointing in train mode only (the seed's LAVIS model was in train mode)
+    hf.train()  # the seed's LAVIS model was in train mode
     seed_idx = list(range(args.seed_samples))
 
     def seed_step(i: int) -> None:
