@@ -189,7 +189,8 @@ def run_worker(mode: str, tiny: bool, steps: int, shape: str, out: pathlib.Path)
     if cuda and times:
         logs = ROOT / "bench" / "results" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        profile = profile_one_step(engine, batches, logs / f"pipeline_14b_{shape}_{mode}_rank{getattr(backend, 'global_rank', 0)}.txt")
+        rank = getattr(backend, "global_rank", 0)
+        profile = profile_one_step(engine, batches, logs / f"pipeline_14b_{shape}_{mode}_rank{rank}.txt")
         profile["busy_fraction"] = profile["gpu_compute_s"] / step_s
     global_batch = settings.micro_batch_size * settings.grad_accum * backend.world_size
     result.update({"steps_timed": len(times), "step_s": step_s, "step_times_s": times, "losses": losses,

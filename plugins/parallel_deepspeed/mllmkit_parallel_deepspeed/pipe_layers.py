@@ -87,7 +87,6 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer = model.llm.layers()[index]
         self.rotary = model.llm.rotary  # no parameters; every stage needs its buffers
-        self.index = index
         self.checkpointing = checkpointing
         config = model.llm.hf_model.config
         self.kind = (getattr(config, "layer_types", None) or ["full_attention"] * (index + 1))[index]
