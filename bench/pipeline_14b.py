@@ -1,14 +1,15 @@
 """MiniGPT4Qwen-14B on a 2-stage DeepSpeed pipeline vs the same model on one GPU (random weights).
 
-    python bench/pipeline_14b.py                 # on a box with 2 GPUs: both runs, JSON to bench/results/
+    python bench/pipeline_14b.py --shapes 4x16,8x16   # on a box with 2 GPUs: both runs per shape
     python bench/pipeline_14b.py --tiny          # CPU smoke test of the same code path (tiny parts, gloo)
 
 The model is the 14B recipe's: eva_vit_g (fp16, frozen) → qformer (frozen) → linear (trained) →
 qwen14b_chat preset (bf16, frozen), built with every parameter on the meta device; the pipeline
 materialises only each rank's stage on its GPU (random init), the one-GPU run materialises all.
 Both train a few optimizer steps on synthetic samples (one 224 px image + text, labels on the
-answer part) with the same global batch, and report step time, samples/s and peak memory per
-stage. Per-stage partition (cost model) is printed and stored too. If the whole model does not fit
+answer part) with the same global batch, for each MICROxACCUM shape, and report step time,
+samples/s and peak memory per stage; one more step per rank runs under torch.profiler (compute vs
+NCCL kernel time; op tables in bench/results/logs/). Per-stage partition (cost model) is stored too. If the whole model does not fit
 one GPU the single run reports the out-of-memory error instead.
 
 The GPU box has no deepspeed/tomli installed: install the wheelhouse of
