@@ -123,3 +123,19 @@ def test_missing_checkpoint(plugin_host, toy_recipe, tmp_path):
     with pytest.raises(WeightsError) as err:
         chat_session(toy_recipe, checkpoint=tmp_path / "nope.pth", device="cpu")
     assert str(err.value) == f"checkpoint not found: {tmp_path / 'nope.pth'}"
+
+
+def test_parts_without_weight_files_are_the_random_parts_training_built(plugin_host, toy_recipe):
+    from mllmkit import assemble, load_recipe
+    from mllmkit.chat.loading import load_chat_model
+
+    recipe = load_recipe(dict(toy_recipe, train={"seed": 7}))
+    torch.manual_seed(7)  # what the training loop does before assembling
+    trained = assemble(recipe).state_dict()
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    model, _ = load_chat_model(recipe, device="cpu", precision="fp32")
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random stream is left alone
+    chat = model.state_dict()
+    assert chat.keys() == trained.keys()
+    assert all(torch.equal(chat[k], trained[k]) for k in trained)

@@ -123,7 +123,9 @@ def load_chat_model(recipe: Any, *, checkpoint: str | pathlib.Path | None = None
     source, export = _recipe_and_export(recipe)
     if not isinstance(source, Recipe):
         source = load_recipe(source, list(overrides))
-    model = assemble(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(source.train.seed)  # as training does: parts without weight files match its
+        model = assemble(source)
     checkpoint = checkpoint or source.chat.checkpoint or export
     if checkpoint is not None:
         load_trained_weights(model, checkpoint)
