@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from mllmkit.chat import ChatSession, chat_session
 from mllmkit.errors import UserError
@@ -27,8 +26,8 @@ def free_port() -> int:
 def base(plugin_host, toy_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    torch.manual_seed(0)
-    session = chat_session(toy_recipe, device="cpu", precision="fp32", max_new_tokens=8)
+    recipe = {**toy_recipe, "train": {**toy_recipe.get("train", {}), "seed": 0}}  # chat assembles with it
+    session = chat_session(recipe, device="cpu", precision="fp32", max_new_tokens=8)
     letters_only(session.model)
     return session
 
