@@ -4,7 +4,10 @@
 ``qformer_tiny`` the same code at toy size (64 wide, 2 layers, 4 heads, FFN 128, 8 queries).
 ``vision_width`` is taken from the vision encoder when left out; an explicit value is declared as
 ``in_dim`` so ``mllmkit check`` rejects a mismatch before anything is built. With ``weights`` the
-module is built on the meta device and a LAVIS checkpoint is streamed into it.
+module is built on the meta device and a LAVIS checkpoint is streamed into it. ``dropout`` (0.1)
+and ``init_std`` (0.02, random initialisation only) default to BLIP-2's bert-base numbers; a small
+Q-Former trained from scratch wants a larger ``init_std`` (at 64 wide and std 0.02 its output
+hardly depends on the image) and no dropout.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import pathlib
 
 import attrs
 
-from mllmkit.config import Precision, config, positive, torch_dtype
+from mllmkit.config import Precision, between, config, positive, torch_dtype
 from mllmkit.errors import RecipeError
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
 from mllmkit_bridge_qformer.lavis_weights import load_lavis_qformer
 from mllmkit_bridge_qformer.model import (
+    DROPOUT,
+    INIT_STD,
     QFORMER_BASE,
     QFORMER_TINY,
     QFormerBridge,
@@ -42,6 +47,10 @@ class QFormerConfig:
     trainable: bool = False
     precision: Precision = "fp32"
     """dtype of the Q-Former and its queries; ln_vision always computes in fp32."""
+    dropout: float = attrs.field(default=DROPOUT, validator=between(0.0, 1.0))
+    """Hidden and attention-probability dropout in training (bert-base's 0.1, as BLIP-2 trains)."""
+    init_std: float = attrs.field(default=INIT_STD, validator=positive)
+    """Std of the random initialisation when there are no ``weights`` (BERT's initializer_range)."""
 
 
 @config
@@ -53,6 +62,8 @@ class QFormerTinyConfig:
     weights: pathlib.Path | None = None
     trainable: bool = False
     precision: Precision = "fp32"
+    dropout: float = attrs.field(default=DROPOUT, validator=between(0.0, 1.0))
+    init_std: float = attrs.field(default=INIT_STD, validator=positive)
 
 
 AnyQFormerConfig = QFormerConfig | QFormerTinyConfig
@@ -88,6 +99,7 @@ def _builder(shape: QFormerShape):
             vision_width=_vision_width(cfg, ctx), hidden=shape.hidden, num_layers=cfg.num_layers,
             num_heads=shape.num_heads, ffn=shape.ffn, num_query_tokens=cfg.num_query_tokens,
             cross_attention_freq=cfg.cross_attention_freq, layer_norm_eps=shape.layer_norm_eps,
+            dropout=cfg.dropout, init_std=cfg.init_std,
             device="meta" if cfg.weights is not None else None,
         )
         if cfg.weights is not None:

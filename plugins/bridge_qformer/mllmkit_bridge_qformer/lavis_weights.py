@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mllmkit.weights import KeyMap, LoadReport, checkpoint_files, iter_tensors, load_into
-from mllmkit_bridge_qformer.model import QUERY_INIT_STD, QFormerBridge
+from mllmkit_bridge_qformer.model import QFormerBridge
 
 __all__ = ["LAVIS_QFORMER_KEYS", "LAVIS_SKIPPED", "LAVIS_SUBKEY", "load_lavis_qformer"]
 
@@ -70,6 +70,6 @@ def load_lavis_qformer(module: QFormerBridge, path: str | pathlib.Path, *, dtype
     report = load_into(module, shards, KeyMap(rules=LAVIS_QFORMER_KEYS, skip=skip), source=str(path), dtype=dtype,
                        keep_fp32=[r"ln_vision\..*"], allow_missing=allow_missing)
     if dropped and module.query_tokens.is_meta:
-        fresh = torch.empty(module.query_tokens.shape, dtype=dtype).normal_(std=QUERY_INIT_STD)
+        fresh = torch.empty(module.query_tokens.shape, dtype=dtype).normal_(std=module.qformer.config.initializer_range)
         module.query_tokens = nn.Parameter(fresh, requires_grad=module.query_tokens.requires_grad)
     return report

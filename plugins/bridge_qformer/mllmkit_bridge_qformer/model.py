@@ -19,8 +19,10 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 __all__ = ["QFORMER_BASE", "QFORMER_TINY", "FP32LayerNorm", "QFormerBridge", "QFormerShape", "build_qformer"]
 
-QUERY_INIT_STD = 0.02
-"""LAVIS initialises ``query_tokens`` with normal(0, initializer_range = 0.02)."""
+INIT_STD = 0.02
+"""BERT's ``initializer_range``: LAVIS initialises ``query_tokens`` and every weight with normal(0, 0.02)."""
+DROPOUT = 0.1
+"""bert-base's hidden and attention-probability dropout, which BLIP-2 trains with."""
 
 
 @attrs.frozen
@@ -51,14 +53,15 @@ class FP32LayerNorm(nn.LayerNorm):
 class QFormerBridge(nn.Module):
     """Vision tokens ``[B, N, in_dim]`` → ``ln_vision`` → Q-Former queries ``[B, num_query_tokens, out_dim]``."""
 
-    def __init__(self, qformer: Blip2QFormerModel, vision_width: int, num_query_tokens: int) -> None:
+    def __init__(self, qformer: Blip2QFormerModel, vision_width: int, num_query_tokens: int,
+                 init_std: float = INIT_STD) -> None:
         super().__init__()
         hidden = qformer.config.hidden_size
         self.in_dim, self.out_dim, self.num_query_tokens = vision_width, hidden, num_query_tokens
         self.ln_vision = FP32LayerNorm(vision_width)
         self.query_tokens = nn.Parameter(torch.empty(1, num_query_tokens, hidden))
         if not self.query_tokens.is_meta:
-            nn.init.normal_(self.query_tokens, std=QUERY_INIT_STD)
+            nn.init.normal_(self.query_tokens, std=init_std)
         self.qformer = qformer
 
     def tokens_out(self, tokens_in: int) -> int:
@@ -75,13 +78,19 @@ class QFormerBridge(nn.Module):
 
 def build_qformer(*, vision_width: int, hidden: int, num_layers: int, num_heads: int, ffn: int,
                   num_query_tokens: int, cross_attention_freq: int = 2, layer_norm_eps: float = 1e-12,
+                  dropout: float = DROPOUT, init_std: float = INIT_STD,
                   device: torch.device | str | None = None) -> QFormerBridge:
-    """A Q-Former bridge of the given size; ``device="meta"`` builds it without storage (to stream weights)."""
+    """A Q-Former bridge of the given size; ``device="meta"`` builds it without storage (to stream weights).
+
+    ``init_std`` is the standard deviation of the random initialisation (weights and query tokens;
+    LayerNorms one/zero, biases zero); ``dropout`` the hidden and attention-probability dropout.
+    """
     config = Blip2QFormerConfig(
         hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
         intermediate_size=ffn, hidden_act="gelu", layer_norm_eps=layer_norm_eps,
         cross_attention_frequency=cross_attention_freq, encoder_hidden_size=vision_width,
-        use_qformer_text_input=False,
+        use_qformer_text_input=False, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        initializer_range=init_std,
     )
     with torch.device(device or "cpu"):
-        return QFormerBridge(Blip2QFormerModel(config), vision_width, num_query_tokens)
+        return QFormerBridge(Blip2QFormerModel(config), vision_width, num_query_tokens, init_std)

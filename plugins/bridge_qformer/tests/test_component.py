@@ -51,6 +51,24 @@ def test_full_preset_shape_on_options():
         (32, 2, 12, "fp32", False)
 
 
+def test_init_std_and_dropout_options():
+    """Default: BLIP-2's bert-base numbers (std 0.02, dropout 0.1); both options reach every weight and dropout."""
+    torch.manual_seed(0)
+    default = mllmkit.build("bridge", "qformer_tiny", BuildContext(key="b", in_dim=64))
+    torch.manual_seed(0)
+    wide = mllmkit.build("bridge", "qformer_tiny", BuildContext(key="b", in_dim=64), init_std=0.2, dropout=0.0)
+    for bridge, std, p in ((default, 0.02, 0.1), (wide, 0.2, 0.0)):
+        weights = [w for n, w in bridge.qformer.named_parameters() if n.endswith(".weight") and w.dim() == 2]
+        assert len(weights) == 16  # 2 layers × (self q,k,v,out + query FFN in,out) + layer 0 cross q,k,v,out
+        for w in weights:
+            assert abs(w.std().item() - std) < 0.25 * std
+        assert abs(bridge.query_tokens.std().item() - std) < 0.25 * std
+        dropouts = [m.p for m in bridge.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and set(dropouts) == {p}
+    with pytest.raises(RecipeError, match=r"dropout: expected a value in \[0.0, 1.0\], found 1.5"):
+        mllmkit.build("bridge", "qformer_tiny", BuildContext(key="b", in_dim=64), dropout=1.5)
+
+
 def test_width_cannot_be_inferred_without_a_previous_part():
     with pytest.raises(RecipeError) as info:
         mllmkit.build("bridge", "qformer_tiny")

@@ -4,13 +4,16 @@ Options (recipe table ``[model.vision]``): ``weights`` (LAVIS ``eva_vit_g.pth``;
 init, logged), ``image_size`` (position embedding interpolated from the file's grid),
 ``num_blocks`` (blocks built = feature layer; BLIP-2 uses 39 of 40), ``precision`` (weights in
 fp16/bf16/fp32, LayerNorms fp32), ``grad_checkpointing``, ``trainable`` (default false: frozen, eval
-mode) and ``hflip`` (random horizontal flip in the train transform, default false).
+mode), ``hflip`` (random horizontal flip in the train transform, default false) and
+``pos_embed_init`` (``trunc_normal`` as timm, or ``sincos``: 2-D sine-cosine start for training from
+scratch; only used without ``weights``).
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+from typing import Literal
 
 import attrs
 
@@ -22,6 +25,10 @@ from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, EvaArch, EvaVisionEn
 __all__ = ["SPECS", "EvaTinyConfig", "EvaViTGConfig", "build_preset", "dims_of"]
 
 logger = logging.getLogger(__name__)
+
+PosEmbedInit = Literal["trunc_normal", "sincos"]
+"""How a randomly initialised encoder's position embedding starts (see ``build_eva``)."""
+
 
 
 def _multiple_of_patch(patch: int):
@@ -43,6 +50,7 @@ class EvaViTGConfig:
     grad_checkpointing: bool = False
     trainable: bool = False
     hflip: bool = False
+    pos_embed_init: PosEmbedInit = "trunc_normal"
 
 
 @config
@@ -57,6 +65,7 @@ class EvaTinyConfig:
     grad_checkpointing: bool = False
     trainable: bool = False
     hflip: bool = False
+    pos_embed_init: PosEmbedInit = "trunc_normal"
 
 
 def dims_of(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig) -> PartDims:
@@ -71,7 +80,8 @@ def build_preset(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig, ctx: BuildCo
     device = "cpu" if cfg.weights is None else "meta"
     encoder = build_eva(image_size=cfg.image_size, patch_size=arch.patch_size, width=arch.width,
                         depth=cfg.num_blocks, num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, precision=dtype,
-                        grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip, device=device)
+                        grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip,
+                        pos_embed_init=cfg.pos_embed_init, device=device)
     if cfg.weights is None:
         logger.warning("%s: no weights given: EVA encoder (%d blocks, width %d) is randomly initialised",
                        ctx.key, cfg.num_blocks, arch.width)

@@ -162,14 +162,35 @@ def init_nonpersistent_buffers(module: nn.Module, device: torch.device | str = "
 
 def build_eva(*, image_size: int, patch_size: int, width: int, depth: int, num_heads: int, mlp_dim: int,
               precision: torch.dtype = torch.float32, grad_checkpointing: bool = False, hflip: bool = False,
-              trainable: bool = False, device: torch.device | str | None = None) -> EvaVisionEncoder:
+              trainable: bool = False, pos_embed_init: str = "trunc_normal",
+              device: torch.device | str | None = None) -> EvaVisionEncoder:
     """Build an EVA encoder of ``depth`` blocks. ``device="meta"`` builds without memory (for loading).
 
-    With a real device the weights get timm's EVA initialisation (trunc-normal, zero biases).
+    With a real device the weights get timm's EVA initialisation (trunc-normal std 0.02, zero
+    biases). ``pos_embed_init="sincos"`` starts the (still learned) position embedding from MAE's
+    2-D sine-cosine table instead (class token row zero): unit-scale, so a network trained from
+    scratch sees where each patch is from the first step; std 0.02 is ~30× smaller than the patch
+    content and a small encoder takes thousands of steps to grow it.
     """
     with torch.device(device or "cpu"):
         encoder = EvaVisionEncoder(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
                                    num_heads=num_heads, mlp_dim=mlp_dim, grad_checkpointing=grad_checkpointing,
                                    hflip=hflip)
+    if pos_embed_init == "sincos" and device != "meta":
+        _init_sincos_pos_embed(encoder)
+    elif pos_embed_init not in ("trunc_normal", "sincos"):
+        raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', found {pos_embed_init!r}")
     apply_precision(encoder, precision)
     return encoder.set_trainable(trainable)
+
+
+@torch.no_grad()
+def _init_sincos_pos_embed(encoder: EvaVisionEncoder) -> None:
+    """Overwrite the position embedding with the 2-D sine-cosine table of the patch grid (CLS row 0)."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    grid = encoder.image_size // encoder.patch_size
+    table = build_sincos2d_pos_embed([grid, grid], dim=encoder.out_dim)
+    pos_embed = encoder.vit.pos_embed
+    pos_embed[0, 0].zero_()
+    pos_embed[0, 1:].copy_(table.to(pos_embed.dtype))

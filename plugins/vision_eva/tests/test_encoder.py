@@ -113,3 +113,21 @@ def test_satisfies_the_vision_encoder_protocol():
     enc = build_preset(EVA_TINY, EvaTinyConfig(), CTX)
     assert isinstance(enc, VisionEncoder)
     assert len(enc.blocks()) == 2 and all(type(b).__name__ == "EvaBlock" for b in enc.blocks())
+
+
+def test_sincos_pos_embed_init_is_the_2d_table_and_stays_learned():
+    """Row 1 + r·4 + c of a 4×4 grid is [sin rω, sin cω, cos rω, cos cω] with ω = 10000^(-k/16)
+    (timm's 2-D sine-cosine table), the class-token row zero; the parameter still trains."""
+    encoder = build_preset(EVA_TINY, EvaTinyConfig(pos_embed_init="sincos", trainable=True),
+                           BuildContext(key="vision"))
+    table = encoder.vit.pos_embed[0].detach()
+    assert torch.equal(table[0], torch.zeros(64))
+    omega = 1.0 / 10000 ** (torch.arange(16) / 16)
+    for row in range(4):
+        for col in range(4):
+            expected = torch.cat([torch.sin(row * omega), torch.sin(col * omega),
+                                  torch.cos(row * omega), torch.cos(col * omega)])
+            torch.testing.assert_close(table[1 + row * 4 + col], expected)
+    assert encoder.vit.pos_embed.requires_grad
+    default = build_preset(EVA_TINY, EvaTinyConfig(), BuildContext(key="vision"))
+    assert default.vit.pos_embed.std().item() < 0.03  # timm's trunc-normal(0.02)
