@@ -11,6 +11,7 @@ import torch
 
 from mllmkit.assemble import build
 from mllmkit.data import Collator, EncodedDataset, SampleEncoder, SampleError, SkipReport
+from mllmkit.errors import RecipeError
 from mllmkit.template import IMAGE_SPAN
 from mllmkit.testing.toy import ByteTokenizer, ToyTemplate
 
@@ -166,3 +167,28 @@ def test_demo_shapes_is_deterministic_and_splits_differ(plugin_host):
             assert (cols < 16) == (scene["answer"] == "left")
     # chance: 1/4 colour, 1/3 shape, 1/3 count, 1/2 position, questions in equal shares
     assert train.chance_accuracy() == pytest.approx((1 / 4 + 1 / 3 + 1 / 3 + 1 / 2) / 4)
+
+
+def test_demo_shapes_several_questions_per_image(plugin_host):
+    """``questions_per_image``: the sample's own question first (same picture, same answer), then
+    other kinds that apply — position only for one shape — each answered from the scene."""
+    from mllmkit.builtin.demo_shapes import COUNTS, QUESTIONS
+
+    single = build("dataset", "demo_shapes", split="train", size=40, image_size=32)
+    multi = build("dataset", "demo_shapes", split="train", size=40, image_size=32, questions_per_image=4)
+    text_to_kind = {text: kind for kind, (text, _) in QUESTIONS.items()}
+    for i in range(40):
+        one, many, scene = single[i], multi[i], multi.scene(i)
+        assert many.images[0].tobytes() == one.images[0].tobytes()
+        assert many.messages[:2] == one.messages
+        assert [m["role"] for m in many.messages] == ["user", "assistant"] * (len(many.messages) // 2)
+        kinds = [text_to_kind[m["content"].removeprefix(f"{IMAGE_SPAN} ")] for m in many.messages[::2]]
+        assert sum(IMAGE_SPAN in m["content"] for m in many.messages) == 1
+        assert len(set(kinds)) == len(kinds) == (4 if scene["count"] == 1 else 3)
+        expected = {"colour": scene["colour"], "shape": scene["kind"], "count": COUNTS[scene["count"] - 1],
+                    "position": scene["answer"]}
+        assert [m["content"] for m in many.messages[1::2]] == [expected[k] for k in kinds]
+    two = build("dataset", "demo_shapes", split="train", size=40, image_size=32, questions_per_image=2)
+    assert all(len(two[i].messages) == 4 for i in range(40))
+    with pytest.raises(RecipeError, match=r"demo_shapes.questions_per_image: expected a value in \[1, 4\], found 5"):
+        build("dataset", "demo_shapes", questions_per_image=5)

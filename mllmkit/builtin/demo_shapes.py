@@ -14,7 +14,7 @@ from typing import Literal
 
 import attrs
 
-from mllmkit.config import config, non_negative, positive
+from mllmkit.config import between, config, non_negative, positive
 from mllmkit.interfaces import BuildContext, Sample
 from mllmkit.registry import ComponentSpec
 from mllmkit.template import IMAGE_SPAN
@@ -46,15 +46,18 @@ class DemoShapesConfig:
     """Side of the drawn picture in pixels (the encoder's transform resizes it)."""
     weight: float = attrs.field(default=1.0, validator=non_negative)
     """Draws per sample per epoch when mixing."""
+    questions_per_image: int = attrs.field(default=1, validator=between(1, 4))
+    """Questions asked about each picture, as a multi-turn conversation: the sample's own question
+    first, then others that apply to the picture (position only when there is one shape)."""
 
 
 class DemoShapes:
     """The synthetic shapes dataset (map-style, deterministic)."""
 
     def __init__(self, split: str = "train", size: int = 2000, seed: int = 0, image_size: int = 64,
-                 weight: float = 1.0) -> None:
+                 weight: float = 1.0, questions_per_image: int = 1) -> None:
         self.name, self.split, self.size, self.seed = "demo_shapes", split, size, seed
-        self.image_size, self.weight = image_size, weight
+        self.image_size, self.weight, self.questions_per_image = image_size, weight, questions_per_image
         self.source = f"demo_shapes:{split}"
 
     def __len__(self) -> int:
@@ -104,11 +107,22 @@ class DemoShapes:
                 pen.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
         return image
 
+    def questions(self, index: int, scene: dict) -> list[str]:
+        """The question kinds asked about the picture: its own, then up to ``questions_per_image - 1``
+        other kinds that apply, in an order drawn from the sample's seed."""
+        others = [k for k in QUESTIONS if k != scene["question"] and (k != "position" or scene["count"] == 1)]
+        random.Random(f"{self.seed}/{self.split}/{index}/questions").shuffle(others)
+        return [scene["question"], *others][:self.questions_per_image]
+
     def __getitem__(self, index: int) -> Sample:
         scene = self.scene(index)
-        question = QUESTIONS[scene["question"]][0]
-        messages = [{"role": "user", "content": f"{IMAGE_SPAN} {question}"},
-                    {"role": "assistant", "content": scene["answer"]}]
+        messages = []
+        for turn, kind in enumerate(self.questions(index, scene)):
+            answer = {"colour": scene["colour"], "shape": scene["kind"], "count": COUNTS[scene["count"] - 1],
+                      "position": scene["answer"] if kind == "position" else None}[kind]
+            question = QUESTIONS[kind][0]
+            messages += [{"role": "user", "content": f"{IMAGE_SPAN} {question}" if turn == 0 else question},
+                         {"role": "assistant", "content": answer}]
         return Sample(images=[self.draw(scene)], messages=messages, source=self.source, index=index)
 
     def approx_length(self, index: int) -> int:
@@ -121,7 +135,7 @@ class DemoShapes:
 
 
 def _build(cfg: DemoShapesConfig, ctx: BuildContext) -> DemoShapes:
-    return DemoShapes(cfg.split, cfg.size, cfg.seed, cfg.image_size, cfg.weight)
+    return DemoShapes(cfg.split, cfg.size, cfg.seed, cfg.image_size, cfg.weight, cfg.questions_per_image)
 
 
 SPECS = [ComponentSpec("demo_shapes", DemoShapesConfig, _build,

@@ -53,6 +53,9 @@ class TrainSection:
     """Linear warmup length, counted in optimizer steps."""
     warmup_lr: float = attrs.field(default=0.0, validator=non_negative)
     weight_decay: float = attrs.field(default=0.05, validator=non_negative)
+    lr_scale: dict[str, float] = attrs.Factory(dict)
+    """Learning-rate multipliers by part, e.g. ``{vision = 0.3, llm = 1.0}``: keys are ``vision``,
+    ``bridges``, ``bridges.N`` or ``llm`` (the longest matching one applies); unlisted parts get 1."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = attrs.field(default=1e-8, validator=positive)
     grad_clip: float = attrs.field(default=1.0, validator=non_negative)

@@ -21,6 +21,7 @@ from torch import nn
 
 from mllmkit.data.collate import Batch
 from mllmkit.interfaces import ParallelBackend
+from mllmkit.train.optim import set_lr
 
 __all__ = ["TorchEngine", "load_named_optimizer_state", "named_optimizer_state", "micro_batch_loss"]
 
@@ -99,8 +100,7 @@ class TorchEngine:
     # -- one optimizer step --
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         lr = self.lr_schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         world = self.backend.world_size
         counts = torch.tensor([sum(b.num_tokens for b in micro_batches), sum(b.size for b in micro_batches),
                                sum(1 for b in micro_batches if b.size)], dtype=torch.float64)

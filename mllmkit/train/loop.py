@@ -33,7 +33,7 @@ from mllmkit.train.checkpoint import (
 )
 from mllmkit.train.evaluate import exact_match
 from mllmkit.train.metrics import MetricsWriter
-from mllmkit.train.optim import build_adamw, make_lr_schedule
+from mllmkit.train.optim import build_adamw, check_lr_scale, make_lr_schedule
 
 __all__ = ["TrainResult", "evaluate", "train"]
 
@@ -69,6 +69,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         torch.manual_seed(settings.seed)
         # a backend may build the model itself (the pipeline: parameters on the meta device first)
         model = backend.assemble(recipe) if hasattr(backend, "assemble") else assemble(recipe)
+        check_lr_scale((name for name, p in model.named_parameters() if p.requires_grad), settings.lr_scale)
         if settings.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing"):
             model.llm.gradient_checkpointing(True)
 

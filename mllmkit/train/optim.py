@@ -7,12 +7,14 @@ its own in a checkpoint: the step number restores it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["build_adamw", "lr_at", "make_lr_schedule", "param_groups"]
+from mllmkit.errors import RecipeError
+
+__all__ = ["build_adamw", "check_lr_scale", "lr_at", "lr_scale_of", "make_lr_schedule", "param_groups", "set_lr"]
 
 
 def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, warmup_lr: float = 0.0,
@@ -32,19 +34,47 @@ def make_lr_schedule(train, total_steps: int) -> Callable[[int], float]:
                               warmup_lr=train.warmup_lr, min_lr=train.min_lr)
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; biases, norms and other 1-D parameters do not. Each group also
-    lists its parameter ``names`` (so optimizer state can be saved by name)."""
-    decay, no_decay = ([], []), ([], [])
+def lr_scale_of(name: str, lr_scale: Mapping[str, float]) -> float:
+    """The multiplier of the longest key of ``lr_scale`` that is a dotted prefix of ``name`` (else 1)."""
+    matches = [key for key in lr_scale if name == key or name.startswith(key + ".")]
+    return lr_scale[max(matches, key=len)] if matches else 1.0
+
+
+def check_lr_scale(names: Iterable[str], lr_scale: Mapping[str, float]) -> None:
+    """Every key of ``train.lr_scale`` must name a part holding trainable parameters."""
+    names = list(names)
+    for key in lr_scale:
+        if not any(name == key or name.startswith(key + ".") for name in names):
+            parts = sorted({".".join(n.split(".")[:2]) if n.startswith("bridges.") else n.split(".")[0]
+                            for n in names})
+            raise RecipeError(f"train.lr_scale.{key}", f"matches no trainable parameter; the trainable parts "
+                                                       f"are {', '.join(parts) or 'none'}")
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 lr_scale: Mapping[str, float] | None = None) -> list[dict]:
+    """Matrices decay; biases, norms and other 1-D parameters do not: two groups per learning-rate
+    multiplier (1 and each value of ``lr_scale``, ascending; key ``lr_scale``, the engines set
+    ``lr × lr_scale``), always all of them so the layout depends on the recipe alone. Each group
+    also lists its parameter ``names`` (so optimizer state can be saved by name)."""
+    scales = sorted({1.0, *(lr_scale or {}).values()})
+    groups = {(scale, decays): {"params": [], "names": [], "lr_scale": scale,
+                                "weight_decay": weight_decay if decays else 0.0}
+              for scale in scales for decays in (True, False)}
     for name, param in named:
-        target = decay if param.ndim >= 2 else no_decay
-        target[0].append(name)
-        target[1].append(param)
-    return [{"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
-            {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0}]
+        group = groups[lr_scale_of(name, lr_scale or {}), param.ndim >= 2]
+        group["names"].append(name)
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def build_adamw(named: Iterable[tuple[str, nn.Parameter]], train) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with the recipe's lr, betas, eps and weight decay."""
-    return torch.optim.AdamW(param_groups(named, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
-                             eps=train.eps)
+    """AdamW over the trainable parameters with the recipe's lr, betas, eps, weight decay and lr_scale."""
+    return torch.optim.AdamW(param_groups(named, train.weight_decay, train.lr_scale), lr=train.lr,
+                             betas=tuple(train.betas), eps=train.eps)

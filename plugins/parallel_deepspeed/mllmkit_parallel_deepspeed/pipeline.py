@@ -34,6 +34,7 @@ from torch import nn
 from mllmkit.data.collate import Batch
 from mllmkit.errors import UserError
 from mllmkit.train.engine import named_optimizer_state
+from mllmkit.train.optim import set_lr
 from mllmkit_parallel_deepspeed.configs import PipelineConfig
 from mllmkit_parallel_deepspeed.known_shapes import KnownShapeTransfers
 from mllmkit_parallel_deepspeed.partition import Plan, format_plan, layer_costs, plan_partition
@@ -198,8 +199,7 @@ class PipelineEngine:
             raise UserError("pipeline: a micro-batch lost every sample to data errors; the pipeline schedule "
                             "cannot run an empty micro-batch. Fix or drop the bad records (see skipped.jsonl)")
         lr = self.lr_schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         counts = self.backend.all_reduce(count_window(micro_batches)) / self.backend.num_stages
         global_tokens, global_samples, global_nonempty = counts.tolist()
         ga, dp = len(micro_batches), self.backend.world_size

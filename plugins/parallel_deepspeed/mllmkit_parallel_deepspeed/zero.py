@@ -26,7 +26,7 @@ from torch import nn
 
 from mllmkit.data.collate import Batch
 from mllmkit.train.engine import micro_batch_loss
-from mllmkit.train.optim import param_groups
+from mllmkit.train.optim import param_groups, set_lr
 from mllmkit_parallel_deepspeed.configs import ZeroConfig
 from mllmkit_parallel_deepspeed.runtime import DeepSpeedBackendBase, count_window, dp_batch_config
 
@@ -123,7 +123,8 @@ class ZeroEngine:
         shell = TrainableShell(model)
         if backend.cfg.offload_optimizer == "cpu":
             engine, optimizer, _, _ = deepspeed.initialize(
-                model=shell, model_parameters=param_groups(self.named_trainable, train.weight_decay), config=config)
+                model=shell, config=config,
+                model_parameters=param_groups(self.named_trainable, train.weight_decay, train.lr_scale))
         else:
             engine, optimizer, _, _ = deepspeed.initialize(model=shell, optimizer=optimizer_factory(self.named_trainable),
                                                            config=config)
@@ -136,9 +137,6 @@ class ZeroEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     # -- one optimizer step --
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
@@ -146,7 +144,7 @@ class ZeroEngine:
             raise ValueError(f"zero: got {len(micro_batches)} micro-batches, DeepSpeed was configured for "
                              f"{self.engine.gradient_accumulation_steps()} (train.grad_accum)")
         lr = self.lr_schedule(self.step)
-        self._set_lr(lr)
+        set_lr(self.optimizer, lr)
         world = self.backend.world_size
         global_tokens, global_samples, global_nonempty = self.backend.all_reduce(count_window(micro_batches)).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -218,7 +216,7 @@ class ZeroEngine:
                 state[name] = {"step": step_tensor.clone(), **entry}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.backend.cfg.offload_optimizer == "cpu":  # DeepSpeed built the groups: put the names back
-            built = param_groups(self.named_trainable, self.settings.weight_decay)
+            built = param_groups(self.named_trainable, self.settings.weight_decay, self.settings.lr_scale)
             for group, source in zip(groups, built):
                 group["names"] = source["names"]
         return {"model": model, "optimizer": {"state": state, "param_groups": groups}, "step": self.step}
