@@ -5,8 +5,8 @@ init, logged), ``image_size`` (position embedding interpolated from the file's g
 ``num_blocks`` (blocks built = feature layer; BLIP-2 uses 39 of 40), ``precision`` (weights in
 fp16/bf16/fp32, LayerNorms fp32), ``grad_checkpointing``, ``trainable`` (default false: frozen, eval
 mode), ``hflip`` (random horizontal flip in the train transform, default false) and
-``pos_embed_init`` (``trunc_normal`` as timm, or ``sincos``: 2-D sine-cosine start for training from
-scratch; only used without ``weights``).
+``pos_embed_init`` (``trunc_normal`` std 0.02 as timm; for training from scratch ``unit_normal``,
+std 1, or ``sincos``, the 2-D sine-cosine table; only used without ``weights``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["SPECS", "EvaTinyConfig", "EvaViTGConfig", "build_preset", "dims_of"]
 
 logger = logging.getLogger(__name__)
 
-PosEmbedInit = Literal["trunc_normal", "sincos"]
+PosEmbedInit = Literal["trunc_normal", "unit_normal", "sincos"]
 """How a randomly initialised encoder's position embedding starts (see ``build_eva``)."""
 
 

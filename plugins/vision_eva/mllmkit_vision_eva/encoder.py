@@ -167,19 +167,22 @@ def build_eva(*, image_size: int, patch_size: int, width: int, depth: int, num_h
     """Build an EVA encoder of ``depth`` blocks. ``device="meta"`` builds without memory (for loading).
 
     With a real device the weights get timm's EVA initialisation (trunc-normal std 0.02, zero
-    biases). ``pos_embed_init="sincos"`` starts the (still learned) position embedding from MAE's
-    2-D sine-cosine table instead (class token row zero): unit-scale, so a network trained from
-    scratch sees where each patch is from the first step; std 0.02 is ~30× smaller than the patch
-    content and a small encoder takes thousands of steps to grow it.
+    biases). For training from scratch the (still learned) position embedding can start at unit
+    scale instead: std 0.02 is ~30× smaller than the patch content and a small encoder takes
+    thousands of steps to grow it. ``pos_embed_init="unit_normal"``: normal(0, 1), every position
+    a distinct random vector; ``"sincos"``: the 2-D sine-cosine table of MAE (class-token row zero).
     """
     with torch.device(device or "cpu"):
         encoder = EvaVisionEncoder(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
                                    num_heads=num_heads, mlp_dim=mlp_dim, grad_checkpointing=grad_checkpointing,
                                    hflip=hflip)
-    if pos_embed_init == "sincos" and device != "meta":
+    if pos_embed_init not in ("trunc_normal", "unit_normal", "sincos"):
+        raise ValueError(f"pos_embed_init must be 'trunc_normal', 'unit_normal' or 'sincos', found {pos_embed_init!r}")
+    if device != "meta" and pos_embed_init == "unit_normal":
+        with torch.no_grad():
+            encoder.vit.pos_embed.normal_(0.0, 1.0)
+    elif device != "meta" and pos_embed_init == "sincos":
         _init_sincos_pos_embed(encoder)
-    elif pos_embed_init not in ("trunc_normal", "sincos"):
-        raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', found {pos_embed_init!r}")
     apply_precision(encoder, precision)
     return encoder.set_trainable(trainable)
 

@@ -131,3 +131,6 @@ def test_sincos_pos_embed_init_is_the_2d_table_and_stays_learned():
     assert encoder.vit.pos_embed.requires_grad
     default = build_preset(EVA_TINY, EvaTinyConfig(), BuildContext(key="vision"))
     assert default.vit.pos_embed.std().item() < 0.03  # timm's trunc-normal(0.02)
+    torch.manual_seed(0)
+    unit = build_preset(EVA_TINY, EvaTinyConfig(pos_embed_init="unit_normal"), BuildContext(key="vision"))
+    assert 0.9 < unit.vit.pos_embed.std().item() < 1.1 and unit.vit.pos_embed.abs().max().item() > 2.5
