@@ -79,6 +79,13 @@ def test_lr_scale_multiplies_the_learning_rate_of_a_part():
                                    torch.full_like(param, expected[part]), rtol=1e-4, atol=0)
 
 
+def test_lr_scale_leaves_out_empty_groups():
+    linear = nn.Linear(2, 2)
+    groups = param_groups([(f"bridges.0.{n}", p) for n, p in linear.named_parameters()], 0.05, {"bridges": 2.0})
+    assert [(g["lr_scale"], g["weight_decay"], g["names"]) for g in groups] == \
+        [(2.0, 0.05, ["bridges.0.weight"]), (2.0, 0.0, ["bridges.0.bias"])]
+
+
 def test_lr_scale_key_must_name_a_trainable_part():
     names = [n for n, _ in _parts().named_parameters()]
     check_lr_scale(names, {"vision": 0.1, "bridges.1": 2.0})

@@ -53,10 +53,10 @@ def check_lr_scale(names: Iterable[str], lr_scale: Mapping[str, float]) -> None:
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
                  lr_scale: Mapping[str, float] | None = None) -> list[dict]:
-    """Matrices decay; biases, norms and other 1-D parameters do not: two groups per learning-rate
-    multiplier (1 and each value of ``lr_scale``, ascending; key ``lr_scale``, the engines set
-    ``lr × lr_scale``), always all of them so the layout depends on the recipe alone. Each group
-    also lists its parameter ``names`` (so optimizer state can be saved by name)."""
+    """Matrices decay; biases, norms and other 1-D parameters do not: the two groups (always both),
+    or with ``lr_scale`` two per multiplier (ascending, key ``lr_scale``: the engines set
+    ``lr × lr_scale``), empty ones left out (DeepSpeed's ZeRO cannot flatten an empty group). Each
+    group also lists its parameter ``names`` (so optimizer state can be saved by name)."""
     scales = sorted({1.0, *(lr_scale or {}).values()})
     groups = {(scale, decays): {"params": [], "names": [], "lr_scale": scale,
                                 "weight_decay": weight_decay if decays else 0.0}
@@ -65,7 +65,7 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
         group = groups[lr_scale_of(name, lr_scale or {}), param.ndim >= 2]
         group["names"].append(name)
         group["params"].append(param)
-    return list(groups.values())
+    return [group for group in groups.values() if group["params"] or not lr_scale]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

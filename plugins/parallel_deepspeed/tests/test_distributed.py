@@ -56,6 +56,19 @@ def test_zero_matches_single(tmp_path, stage, single_losses):
     _convert_and_chat_load(out, tmp_path / "converted", saved)
 
 
+def test_zero_honours_lr_scale(tmp_path, tiny_recipe, single_losses):
+    """``lr_scale = {bridges = 2}`` at lr 1e-3 under ZeRO-2 trains as lr 2e-3 does in one process
+    (only the Linear bridge trains; no warmup, min_lr 0)."""
+    from mllmkit.recipe import load_recipe
+    from mllmkit.train.loop import train
+
+    reference = train(load_recipe(tiny_recipe, ["train.grad_accum=4", "train.lr=2e-3"]), tmp_path / "single").losses
+    out = tmp_path / "zero"
+    _ok(torchrun(2, tiny_recipe, out, "parallel.type=zero", "parallel.stage=2", "train.lr_scale.bridges=2.0"))
+    assert losses(out) == pytest.approx(reference, rel=REL)
+    assert losses(out)[1:] != pytest.approx(single_losses[4][1:], rel=1e-4)  # lr 1e-3 would train otherwise
+
+
 def test_pipeline_two_stages_matches_single_with_a_frozen_stage(pipeline_run, single_losses):
     out, result = pipeline_run
     assert losses(out) == pytest.approx(single_losses[2], rel=REL)
