@@ -3,7 +3,8 @@
 Each picture has one to three shapes of one kind (circle, square, triangle) and one colour (red,
 green, blue, yellow) on a dark background. Each sample asks one question: the colour, the shape,
 how many shapes there are, or (one shape only) whether it is on the left or the right; answers are
-one word. Everything is drawn with PIL from ``seed``, ``split`` and the sample index, so a dataset
+one word. With ``questions_per_image`` > 1 the other questions that apply follow as a multi-turn
+conversation about the same picture (more supervision per picture for training). Everything is drawn with PIL from ``seed``, ``split`` and the sample index, so a dataset
 is identical on every machine; the ``train`` and ``eval`` splits draw from separate random streams.
 """
 
