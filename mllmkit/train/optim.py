@@ -34,9 +34,13 @@ def make_lr_schedule(train, total_steps: int) -> Callable[[int], float]:
                               warmup_lr=train.warmup_lr, min_lr=train.min_lr)
 
 
+def _under(name: str, part: str) -> bool:
+    return name == part or name.startswith(part + ".")
+
+
 def lr_scale_of(name: str, lr_scale: Mapping[str, float]) -> float:
     """The multiplier of the longest key of ``lr_scale`` that is a dotted prefix of ``name`` (else 1)."""
-    matches = [key for key in lr_scale if name == key or name.startswith(key + ".")]
+    matches = [key for key in lr_scale if _under(name, key)]
     return lr_scale[max(matches, key=len)] if matches else 1.0
 
 
@@ -44,7 +48,7 @@ def check_lr_scale(names: Iterable[str], lr_scale: Mapping[str, float]) -> None:
     """Every key of ``train.lr_scale`` must name a part holding trainable parameters."""
     names = list(names)
     for key in lr_scale:
-        if not any(name == key or name.startswith(key + ".") for name in names):
+        if not any(_under(name, key) for name in names):
             parts = sorted({".".join(n.split(".")[:2]) if n.startswith("bridges.") else n.split(".")[0]
                             for n in names})
             raise RecipeError(f"train.lr_scale.{key}", f"matches no trainable parameter; the trainable parts "
