@@ -141,46 +141,9 @@ Is the triangle red or green? The triangle is green. Where is the star? The star
 of the picture, near the middle. You are a helpful assistant. Please answer the question about the
 image in one short sentence. The answer is yes. The answer is no. This is a photo of a cat sitting
 on a chair next to a window, and the light comes from the left side of the room.
-system
-You are a helpful assistant.
-user
-<Img></Img> What colour are the shapes? What shape are they? How many shapes are there?
-Is the shape on the left or the right?
-assistant
-red
-green
-blue
-yellow
-circle
-square
-triangle
-one
-two
-three
-left
-right
-system
-You are a helpful assistant.
-user
-<Img></Img> What colour are the shapes? What shape are they? How many shapes are there?
-Is the shape on the left or the right?
-assistant
-red
-green
-blue
-yellow
-circle
-square
-triangle
-one
-two
-three
-left
-right
+system user assistant system user assistant system user assistant <Img></Img> <Img></Img>
 """
-"""Fixed English text the tiny BPE merges are learned from (deterministically). It ends with the
-ChatML role names and the demo's questions and answers, twice, so that they become whole tokens: a
-four-question demo conversation is 89 tokens instead of 142, which the LLM's cost scales with."""
+"""Fixed English text the tiny BPE merges are learned from (deterministically)."""
 
 TINY_MERGES = 256
 

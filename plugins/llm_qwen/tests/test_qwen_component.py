@@ -20,8 +20,8 @@ def test_qwen_tiny_builds_with_no_files(tmp_path, monkeypatch):
     llm = mllmkit.build("llm", "qwen", preset="qwen_tiny", dtype="fp32")
     assert type(llm.hf_model).__name__ == "Qwen2ForCausalLM"
     assert llm.hidden_size == 64 and len(llm.layers()) == 2
-    assert llm.template.image_token_id == llm.tokenizer.token_id("<|extra_0|>") == 412
-    assert llm.template.stop_token_ids == (411, 410) and llm.template.pad_token_id == 409
+    assert llm.template.image_token_id == llm.tokenizer.token_id("<|extra_0|>") == 380
+    assert llm.template.stop_token_ids == (379, 378) and llm.template.pad_token_id == 377
     assert llm.template.default_system == "You are a helpful assistant."
     ids = torch.tensor([encode_pieces(llm.template.pieces([{"role": "user", "content": "hi"}], 4,
                                                           add_generation_prompt=True)).input_ids] * 2)
