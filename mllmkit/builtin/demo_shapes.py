@@ -1,11 +1,14 @@
 """``demo_shapes``: synthetic pictures of shapes with questions that need the image.
 
 Each picture has one to three shapes of one kind (circle, square, triangle) and one colour (red,
-green, blue, yellow) on a dark background. Each sample asks one question: the colour, the shape,
-how many shapes there are, or (one shape only) whether it is on the left or the right; answers are
-one word. With ``questions_per_image`` > 1 the other questions that apply follow as a multi-turn
-conversation about the same picture (more supervision per picture for training). Everything is drawn with PIL from ``seed``, ``split`` and the sample index, so a dataset
-is identical on every machine; the ``train`` and ``eval`` splits draw from separate random streams.
+green, blue, yellow) on a dark background; several shapes sit in different quadrants. Every shape is
+1/4 to 2/5 of the picture wide, so each covers at least one 14-px patch of a 56-px encoder (smaller
+ones were hard to count and to tell apart on that grid). Each sample asks one question: the colour,
+the shape, how many shapes there are, or (one shape only) whether it is on the left or the right;
+answers are one word. With ``questions_per_image`` > 1 the other questions that apply follow as a
+multi-turn conversation about the same picture (more supervision per picture for training).
+Everything is drawn with PIL from ``seed``, ``split`` and the sample index, so a dataset is
+identical on every machine; the ``train`` and ``eval`` splits draw from separate random streams.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class DemoShapes:
         else:
             cells = rng.sample([(0, 0), (0, 1), (1, 0), (1, 1)], count)
             for row, col in cells:
-                half = rng.randint(s // 10, s // 7)
+                half = rng.randint(s // 8, s // 5)
                 cx = col * s // 2 + rng.randint(half + 1, s // 2 - half - 1)
                 cy = row * s // 2 + rng.randint(half + 1, s // 2 - half - 1)
                 boxes.append((cx, cy, half))
