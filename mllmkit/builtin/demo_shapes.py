@@ -76,10 +76,11 @@ class DemoShapes:
         question = ("colour", "shape", "count", "position")[index % 4]
         count = 1 if question == "position" else rng.randint(1, 3)
         s = self.image_size
+        smallest, largest = s // 8, s // 5  # half-sizes: every shape 1/4 to 2/5 of the picture wide
         boxes: list[tuple[int, int, int]] = []  # (cx, cy, half-size)
         if count == 1:
             side = rng.choice(("left", "right"))
-            half = rng.randint(s // 8, s // 5)
+            half = rng.randint(smallest, largest)
             cx = rng.randint(half + 1, s // 2 - half // 2 - 2)
             if side == "right":
                 cx = s - cx
@@ -87,7 +88,7 @@ class DemoShapes:
         else:
             cells = rng.sample([(0, 0), (0, 1), (1, 0), (1, 1)], count)
             for row, col in cells:
-                half = rng.randint(s // 8, s // 5)
+                half = rng.randint(smallest, largest)
                 cx = col * s // 2 + rng.randint(half + 1, s // 2 - half - 1)
                 cy = row * s // 2 + rng.randint(half + 1, s // 2 - half - 1)
                 boxes.append((cx, cy, half))
