@@ -189,7 +189,7 @@ def _structure_attrs(cls: type, value: Any, key: str, base_dir: pathlib.Path | N
     for name in value:
         if name not in fields:
             close = difflib.get_close_matches(name, list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else "."
             allowed = ", ".join(fields) or "(none)"
             raise RecipeError(f"{prefix}{name}", f"unknown option{hint} Allowed options here: {allowed}")
     kwargs = {}
