@@ -1,13 +1,14 @@
 """MiniGPT4Qwen-14B on a 2-stage DeepSpeed pipeline vs the same model on one GPU (random weights).
 
-    python bench/pipeline_14b.py --shapes 4x16,8x16   # on a box with 2 GPUs: both runs per shape
+    python bench/pipeline_14b.py --shapes 8x16 --checkpointing off,on   # 2 GPUs: both runs per shape × setting
     python bench/pipeline_14b.py --tiny          # CPU smoke test of the same code path (tiny parts, gloo)
 
 The model is the 14B recipe's: eva_vit_g (fp16, frozen) → qformer (frozen) → linear (trained) →
 qwen14b_chat preset (bf16, frozen), built with every parameter on the meta device; the pipeline
 materialises only each rank's stage on its GPU (random init), the one-GPU run materialises all.
 Both train a few optimizer steps on synthetic samples (one 224 px image + text, labels on the
-answer part) with the same global batch, for each MICROxACCUM shape, and report step time,
+answer part) with the same global batch, for each MICROxACCUM shape and each activation-checkpointing
+setting (on: both recompute the LLM decoders in backward; off: neither does), and report step time,
 samples/s and peak memory per stage; one more step per rank runs under torch.profiler (compute vs
 NCCL kernel time; op tables in bench/results/logs/). Per-stage partition (cost model) is stored too. If the whole model does not fit
 one GPU the single run reports the out-of-memory error instead.
@@ -52,7 +53,7 @@ def register_plugins() -> None:
         ("parallel_deepspeed", deepspeed_hooks)]))
 
 
-def recipe_dict(tiny: bool, stages: int, parallel: str, micro: int, accum: int) -> dict:
+def recipe_dict(tiny: bool, stages: int, parallel: str, micro: int, accum: int, checkpointing: bool) -> dict:
     device = "cpu" if tiny else "auto"
     return {
         "model": {
@@ -64,7 +65,7 @@ def recipe_dict(tiny: bool, stages: int, parallel: str, micro: int, accum: int) 
         "train": {"micro_batch_size": micro, "grad_accum": accum, "max_text_len": 224,
                   "precision": "fp32" if tiny else "bf16", "device": device, "lr": 1e-4, "warmup_steps": 1,
                   "betas": [0.9, 0.99], "eps": 1e-7, "grad_clip": 1.0, "seed": 42},
-        "parallel": {"type": parallel, **({"num_stages": stages, "activation_checkpointing": True}
+        "parallel": {"type": parallel, **({"num_stages": stages, "activation_checkpointing": checkpointing}
                                           if parallel == "pipeline" else {})},
     }
 
@@ -114,7 +115,7 @@ def profile_one_step(engine, batches, table: pathlib.Path) -> dict:
     return {"profiled_wall_s": wall, "gpu_compute_s": compute, "nccl_kernel_s": nccl}
 
 
-def run_worker(mode: str, tiny: bool, steps: int, shape: str, out: pathlib.Path) -> None:
+def run_worker(mode: str, tiny: bool, steps: int, shape: str, checkpointing: bool, out: pathlib.Path) -> None:
     import functools
 
     import torch
@@ -124,10 +125,11 @@ def run_worker(mode: str, tiny: bool, steps: int, shape: str, out: pathlib.Path)
 
     register_plugins()
     micro, accum = (int(n) for n in shape.split("x"))
-    recipe = load_recipe(recipe_dict(tiny, 2, "pipeline" if mode == "pipeline" else "single", micro, accum))
+    recipe = load_recipe(recipe_dict(tiny, 2, "pipeline" if mode == "pipeline" else "single", micro, accum,
+                                     checkpointing))
     settings = recipe.train
     cuda = torch.cuda.is_available() and not tiny
-    result: dict = {"mode": mode, "shape": shape}
+    result: dict = {"mode": mode, "shape": shape, "checkpointing": checkpointing}
     t0 = time.perf_counter()
     if mode == "pipeline":
         from mllmkit_parallel_deepspeed.specs import _build_pipeline
@@ -160,7 +162,7 @@ def run_worker(mode: str, tiny: bool, steps: int, shape: str, out: pathlib.Path)
             model = assemble(recipe)
         try:
             materialize_layers(pipeline_layers(model), backend.device, seed=settings.seed)
-            model.llm.gradient_checkpointing(True)
+            model.llm.gradient_checkpointing(checkpointing)
             engine = backend.prepare(model, functools.partial(build_adamw, train=settings),
                                      make_lr_schedule(settings, 100), settings)
         except torch.OutOfMemoryError as exc:
@@ -191,7 +193,8 @@ def run_worker(mode: str, tiny: bool, steps: int, shape: str, out: pathlib.Path)
         logs = ROOT / "bench" / "results" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         rank = getattr(backend, "global_rank", 0)
-        profile = profile_one_step(engine, batches, logs / f"pipeline_14b_{shape}_{mode}_rank{rank}.txt")
+        ckpt = "ckpt" if checkpointing else "nockpt"
+        profile = profile_one_step(engine, batches, logs / f"pipeline_14b_{shape}_{ckpt}_{mode}_rank{rank}.txt")
         profile["busy_fraction"] = profile["gpu_compute_s"] / step_s
     global_batch = settings.micro_batch_size * settings.grad_accum * backend.world_size
     result.update({"steps_timed": len(times), "step_s": step_s, "step_times_s": times, "losses": losses,
@@ -216,13 +219,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny parts")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
-    parser.add_argument("--shapes", default="4x16,8x8",
+    parser.add_argument("--checkpointing", default="off,on",
+                        help="comma-separated on/off: recompute the LLM decoders in backward (both runs alike)")
+    parser.add_argument("--shapes", default="8x16",
                         help="comma-separated MICROxACCUM: micro-batch size x micro-batches per step")
     parser.add_argument("--worker", choices=["pipeline", "single"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker, args.tiny, args.steps, args.shapes, pathlib.Path(args.out))
+        run_worker(args.worker, args.tiny, args.steps, args.shapes, args.checkpointing == "on", pathlib.Path(args.out))
         return 0
 
     import socket
@@ -240,7 +245,7 @@ def main() -> int:
     flags = ["--tiny"] if args.tiny else []
     shapes = ["2x2"] if args.tiny else args.shapes.split(",")
     comparisons = []
-    for shape in shapes:
+    for shape, setting in ((s, c) for s in shapes for c in args.checkpointing.split(",")):
         runs = {}
         for mode in ("pipeline", "single"):
             out = work / f"{mode}.json"
@@ -251,14 +256,15 @@ def main() -> int:
             else:
                 command = [sys.executable, __file__, "--worker", mode, "--out", str(out)]
             start = time.perf_counter()
-            code = subprocess.call(command + flags + ["--steps", str(args.steps), "--shapes", shape], env=env)
+            code = subprocess.call(command + flags + ["--steps", str(args.steps), "--shapes", shape,
+                                                      "--checkpointing", setting], env=env)
             runs[mode] = json.loads(out.read_text()) if out.is_file() else {"error": f"exit code {code}, no result"}
             runs[mode]["wall_s"] = time.perf_counter() - start
-            print(f"{shape} {mode}: {json.dumps({k: v for k, v in runs[mode].items() if k != 'step_times_s'}, default=str)}")
+            print(f"{shape} checkpointing {setting} {mode}: {json.dumps({k: v for k, v in runs[mode].items() if k != 'step_times_s'}, default=str)}")
         pipe, single = runs["pipeline"], runs["single"]
         speedup = (pipe["samples_per_s"] / single["samples_per_s"]
                    if pipe.get("samples_per_s") and single.get("samples_per_s") else None)
-        comparisons.append({"shape": shape, "pipeline_2_stages": pipe, "one_gpu": single,
+        comparisons.append({"shape": shape, "checkpointing": setting, "pipeline_2_stages": pipe, "one_gpu": single,
                             "speedup_samples_per_s": speedup})
     import transformers
 
@@ -271,9 +277,9 @@ def main() -> int:
     path = folder / "pipeline_14b.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path}")
-    print(f"{'shape':>6} {'pipeline/s':>11} {'one GPU/s':>10} {'speedup':>8}")
+    print(f"{'shape':>6} {'ckpt':>5} {'pipeline/s':>11} {'one GPU/s':>10} {'speedup':>8}")
     for c in comparisons:
-        print(f"{c['shape']:>6} {c['pipeline_2_stages'].get('samples_per_s') or float('nan'):11.2f} "
+        print(f"{c['shape']:>6} {c['checkpointing']:>5} {c['pipeline_2_stages'].get('samples_per_s') or float('nan'):11.2f} "
               f"{c['one_gpu'].get('samples_per_s') or float('nan'):10.2f} {c['speedup_samples_per_s'] or float('nan'):8.2f}")
     return 0
 

@@ -8,7 +8,7 @@ only, applying the LLM head only at those positions (never a ``[B, T, vocab]`` l
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from mllmkit.errors import UserError
 from mllmkit.template import IGNORE_INDEX
 
-__all__ = ["MLLM", "LossOutput", "ImageTokenMismatch"]
+__all__ = ["MLLM", "LossOutput", "ImageTokenMismatch", "labelled_rows", "loss_at_rows"]
 
 
 class ImageTokenMismatch(UserError):
@@ -129,22 +129,30 @@ class MLLM(nn.Module):
             features = bridge(features)
         return features
 
-    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
-              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image placeholder rows replaced by image embeddings, in order."""
-        embeds = self.llm.embed(input_ids)
-        placeholder = input_ids == self.llm.template.image_token_id
-        count = int(placeholder.sum())
-        if image_embeds is None and pixels is not None and pixels.shape[0] > 0:
-            image_embeds = self.encode_images(pixels)
-        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
+        """Raise :class:`ImageTokenMismatch` unless ``input_ids`` holds ``n_images`` images' placeholders."""
+        count = int((input_ids == self.llm.template.image_token_id).sum())
         if count != n_images * self.tokens_per_image:
             raise ImageTokenMismatch(
                 f"the batch has {count} image placeholder tokens but {n_images} image(s) × "
                 f"{self.tokens_per_image} tokens = {n_images * self.tokens_per_image} image embeddings"
             )
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
+              image_embeds: torch.Tensor | None = None, checked: bool = False) -> torch.Tensor:
+        """Token embeddings with image placeholder rows replaced by image embeddings, in order.
+
+        ``checked``: the caller ran :meth:`check_image_tokens` already (on host copies of the ids, so
+        that a GPU pipeline stage does not wait for its queue to count placeholders)."""
+        embeds = self.llm.embed(input_ids)
+        if image_embeds is None and pixels is not None and pixels.shape[0] > 0:
+            image_embeds = self.encode_images(pixels)
+        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        if not checked:
+            self.check_image_tokens(input_ids, n_images)
         if n_images == 0:
             return embeds
+        placeholder = input_ids == self.llm.template.image_token_id
         rows = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(placeholder.unsqueeze(-1), rows)
 
@@ -158,8 +166,20 @@ class MLLM(nn.Module):
 
     def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Shifted cross-entropy, the head applied only where the next token is labelled."""
-        targets = labels[:, 1:]
-        selected = targets != IGNORE_INDEX
-        logits = self.llm.logits(hidden[:, :-1][selected]).float()
-        loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
-        return LossOutput(loss_sum=loss_sum, num_tokens=selected.sum())
+        rows, targets = labelled_rows(labels)
+        return LossOutput(loss_sum=loss_at_rows(hidden, rows, targets, self.llm.logits),
+                          num_tokens=torch.full((), rows.numel(), device=labels.device))
+
+
+def labelled_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the loss is taken: the rows of the flattened ``[B*T, H]`` hidden states whose next token
+    is labelled (row-major), and those next tokens. Computed on host labels, it costs a GPU no sync."""
+    batch, position = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return batch * labels.shape[1] + position, labels[batch, position + 1]
+
+
+def loss_at_rows(hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                 head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of ``head`` applied only at ``rows`` of the flattened hidden states."""
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    return F.cross_entropy(head(picked).float(), targets, reduction="sum")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import mllmkit
-from mllmkit.model import ImageTokenMismatch
+from mllmkit.model import ImageTokenMismatch, labelled_rows, loss_at_rows
 from mllmkit.template import IGNORE_INDEX, IMAGE_SPAN, encode_pieces
 
 
@@ -87,6 +87,19 @@ def test_placeholder_count_mismatch_is_a_clear_error(model):
         model.embed(ids, pixels=torch.randn(1, 3, 16, 16))
     assert str(info.value) == ("the batch has 10 image placeholder tokens but 1 image(s) × 5 tokens = "
                                "5 image embeddings")
+
+
+def test_labelled_rows_by_hand():
+    x = IGNORE_INDEX
+    labels = torch.tensor([[x, 5, x, 7], [x, x, x, 9]])
+    rows, targets = labelled_rows(labels)
+    # next-token targets at (0, 0), (0, 2), (1, 2) of the [2, 4] grid: flat rows 0, 2, 6
+    assert rows.tolist() == [0, 2, 6]
+    assert targets.tolist() == [5, 7, 9]
+    hidden = torch.randn(2, 4, 3)
+    head = torch.nn.Linear(3, 11)
+    expected = F.cross_entropy(head(hidden[[0, 0, 1], [0, 2, 2]]), torch.tensor([5, 7, 9]), reduction="sum")
+    torch.testing.assert_close(loss_at_rows(hidden, rows, targets, head), expected)
 
 
 def test_trainable_policy_from_recipe(core_plugin_host, toy_recipe):

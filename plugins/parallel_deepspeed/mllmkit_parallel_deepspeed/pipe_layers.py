@@ -17,10 +17,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mllmkit.template import IGNORE_INDEX
+from mllmkit.model import loss_at_rows
 from mllmkit_parallel_deepspeed.layer_inputs import LayerInputsCache
 
 __all__ = [
@@ -64,7 +63,8 @@ def _no_reentrant_checkpoint(function, *args):
 
 
 class EmbedLayer(nn.Module):
-    """Vision + bridges + token embedding + image scatter: ``(ids, mask, pixels) -> (hidden, mask)``."""
+    """Vision + bridges + token embedding + image scatter: ``(ids, mask, pixels) -> (hidden, mask)``
+    (the engine checks the placeholder count on the host before the schedule starts)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -75,7 +75,7 @@ class EmbedLayer(nn.Module):
 
     def forward(self, inputs):
         input_ids, attention_mask, pixels = inputs
-        hidden = self.mllm.embed(input_ids, pixels=pixels if pixels.shape[0] > 0 else None)
+        hidden = self.mllm.embed(input_ids, pixels=pixels if pixels.shape[0] > 0 else None, checked=True)
         return hidden, attention_mask
 
 
@@ -120,7 +120,9 @@ class FinalLayer(nn.Module):
 
 
 class LabelledLoss:
-    """``loss_fn(hidden, labels)``: shifted cross-entropy, head only where the next token is labelled.
+    """``loss_fn(hidden, (rows, targets))``: cross-entropy with the head applied only at the rows whose
+    next token is labelled (:func:`mllmkit.model.labelled_rows`, computed from the host's labels, so
+    the last stage never waits on its GPU to find them).
 
     Not a module (DeepSpeed would register it on every stage). ``scale`` is set per optimizer step:
     DeepSpeed divides by the accumulation steps and averages over data-parallel ranks, so the scale
@@ -132,13 +134,11 @@ class LabelledLoss:
         self.reduction = "token"
         self.scale = 1.0
 
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels[:, 1:]
-        selected = targets != IGNORE_INDEX
-        logits = self.final.head(hidden[:, :-1][selected]).float()
-        loss_sum = F.cross_entropy(logits, targets[selected], reduction="sum")
+    def __call__(self, hidden: torch.Tensor, labelled: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, targets = labelled
+        loss_sum = loss_at_rows(hidden, rows, targets, self.final.head)
         if self.reduction == "sample":
-            loss_sum = loss_sum / selected.sum().clamp(min=1)
+            loss_sum = loss_sum / max(targets.numel(), 1)
         return loss_sum * self.scale
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from mllmkit.data.collate import Batch
 from mllmkit.errors import UserError
+from mllmkit.model import labelled_rows
 from mllmkit.train.engine import named_optimizer_state
 from mllmkit.train.optim import set_lr
 from mllmkit_parallel_deepspeed.configs import PipelineConfig
@@ -184,11 +185,24 @@ class PipelineEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    @staticmethod
-    def _items(micro_batches: Sequence[Batch]):
+    def _items(self, micro_batches: Sequence[Batch]) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+        """DeepSpeed's ``(inputs, labels)`` per micro-batch, prepared on the host and staged on the device.
+
+        The placeholder check and the labelled rows are computed here from the host tensors, and every
+        tensor is copied to the GPU from pinned memory without waiting: DeepSpeed's own per-micro-batch
+        ``.to(device)`` of a host tensor (and a count or a boolean gather on the GPU) would make the
+        host wait for the stage's queue to drain, so it could not launch ahead during transfers.
+        """
+        items = []
         for b in micro_batches:
             pixels = b.pixels if b.pixels is not None else torch.zeros(0, 3, 1, 1)
-            yield (b.input_ids, b.attention_mask, pixels), b.labels
+            self.model.check_image_tokens(b.input_ids, pixels.shape[0])
+            rows, targets = labelled_rows(b.labels)
+            items.append(((b.input_ids, b.attention_mask, pixels), (rows, targets)))
+        if self.device.type != "cuda":
+            return items
+        return [tuple(tuple(t.pin_memory().to(self.device, non_blocking=True) for t in part) for part in item)
+                for item in items]
 
     # -- one optimizer step --
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
@@ -209,7 +223,7 @@ class PipelineEngine:
         self.model.train()
         self.transfers.expect(tuple(b.input_ids.shape) for b in micro_batches)
         with self._autocast():
-            loss = self.engine.train_batch(data_iter=self._items(micro_batches))
+            loss = self.engine.train_batch(data_iter=iter(self._items(micro_batches)))
         self.step += 1
         return {"loss": float(loss), "lr": lr, "grad_norm": self.grad_norm, "tokens": global_tokens,
                 "samples": global_samples}
@@ -223,7 +237,7 @@ class PipelineEngine:
         self.engine.eval()
         self.transfers.expect([tuple(batch.input_ids.shape)])
         with self._autocast():
-            loss = self.engine.eval_batch(self._items([batch]), num_micro_batches=1)
+            loss = self.engine.eval_batch(iter(self._items([batch])), num_micro_batches=1)
         return float(loss), batch.num_tokens
 
     # -- state by parameter name, gathered from every stage --
