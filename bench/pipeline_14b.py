@@ -148,12 +148,12 @@ def run_worker(mode: str, tiny: bool, steps: int, shape: str, checkpointing: boo
     else:
         from mllmkit_parallel_deepspeed.pipe_layers import (
             materialize_layers,
-            meta_parameters,
             pipeline_layers,
         )
 
         from mllmkit.assemble import assemble
         from mllmkit.builtin.backends import SingleBackend
+        from mllmkit.weights import meta_parameters
 
         backend = SingleBackend("cpu" if tiny else "auto")
         backend.setup()

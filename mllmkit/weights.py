@@ -5,10 +5,16 @@ mmap=True)`` (a pickle that would run code is refused with a clear error), ``.sa
 and their ``*.index.json``. :class:`KeyMap` renames upstream keys through a declared table of
 regular expressions; :func:`load_into` assigns tensors shard by shard, so a model built on the meta
 device never holds a second full copy, and accounts strictly for missing and unexpected keys.
+
+:func:`meta_parameters` builds a model with no memory for the parts that are initialised randomly
+(a pipeline stage materialises only its own layers); what a loader assigns inside
+:func:`real_parameters` (``load_into`` does) stays real. Files are memory-mapped, so a stage only
+reads the pages of the weights it keeps when the dtype on disk is the one asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import pickle
@@ -23,7 +29,43 @@ from torch import nn
 from mllmkit.errors import UserError
 
 __all__ = ["WeightsError", "safe_torch_load", "checkpoint_files", "iter_tensors", "KeyMap", "load_into",
-           "LoadReport", "materialize_meta"]
+           "LoadReport", "materialize_meta", "meta_parameters", "real_parameters"]
+
+_real_depth = 0  # > 0 inside real_parameters(): meta_parameters() keeps what is registered
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Every ``nn.Parameter`` registered inside lands on the meta device (buffers stay real), except
+    inside :func:`real_parameters`, where loaders assign the tensors they read from files.
+
+    Component builders place their modules on a device of their own choosing; this catches the
+    parameters as they are registered, so the random-init parts take no memory until materialised.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta and not _real_depth:
+            param = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def real_parameters() -> Iterator[None]:
+    """Parameters registered inside keep their storage, also under :func:`meta_parameters`: wrap
+    every assignment of loaded weights (and casts or ties of them) in a builder."""
+    global _real_depth
+    _real_depth += 1
+    try:
+        yield
+    finally:
+        _real_depth -= 1
 
 
 class WeightsError(UserError):
@@ -165,7 +207,8 @@ def load_into(module: nn.Module, shards: Iterable[list[tuple[str, torch.Tensor]]
                 batch[target] = value.contiguous()
         if strict and unexpected:
             break
-        module.load_state_dict(batch, strict=False, assign=True)
+        with real_parameters():
+            module.load_state_dict(batch, strict=False, assign=True)
         report.loaded.extend(batch)
     missing = [k for k in expected if k not in seen
                and not any(re.fullmatch(p, k) for p in allow_missing) and not _is_buffer(module, k)]

@@ -215,3 +215,16 @@ def test_full_size_parameter_count_on_meta():
     assert ln_vision == 2 * 1408
     assert total == 105_165_056  # query path incl. query_tokens (24,576) and ln_vision (2,816)
     assert total - ln_vision == 105_162_240
+
+
+def test_build_under_meta_parameters_keeps_the_loaded_weights(tiny_lavis):
+    """A pipeline stage builds under meta_parameters: the weights read from the file stay real."""
+    from mllmkit.weights import meta_parameters
+
+    path, _ = tiny_lavis
+    with meta_parameters():
+        bridge = _build_tiny(path)
+    reference = _build_tiny(path)
+    assert not any(p.is_meta for p in bridge.parameters())
+    for (name, got), (_, want) in zip(bridge.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(got, want), name

@@ -33,7 +33,7 @@ from mllmkit.errors import UserError
 from mllmkit.hf_llm import HFCausalLM, finish_meta_load, new_hf_model
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
-from mllmkit.weights import WeightsError, checkpoint_files, iter_tensors, load_into
+from mllmkit.weights import WeightsError, checkpoint_files, iter_tensors, load_into, real_parameters
 from mllmkit_llm_qwen.convert import (
     QWEN2_KEYS,
     QWEN_V1_KEYS,
@@ -148,7 +148,8 @@ def _load_folder(model: torch.nn.Module, folder: pathlib.Path, key_map, dtype: t
     load_into(model, iter_tensors(checkpoint_files(folder)), key_map, source=str(folder), dtype=dtype,
               allow_missing=(r"lm_head\.weight",) if tied else ())
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        with real_parameters():  # a loaded tensor: stays real under meta_parameters too
+            model.lm_head.weight = model.model.embed_tokens.weight
     finish_meta_load(model, str(folder))
 
 

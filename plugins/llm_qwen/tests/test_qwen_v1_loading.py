@@ -185,3 +185,20 @@ def test_dims_of_the_real_config_files():
         assert hf.rms_norm_eps == 1e-6 and hf.rope_parameters["rope_theta"] == 10000
     assert qwen_v1_max_positions(json.loads(first.read_text())) == 2048
     assert qwen_v1_max_positions(json.loads(later.read_text())) == 8192
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_build_under_meta_parameters_keeps_the_loaded_weights(tmp_path, v1_weights, tied):
+    """What a pipeline stage does: every parameter built under meta_parameters goes to meta, except
+    what the loader reads from the folder (and the tie of the head to it)."""
+    from mllmkit.weights import meta_parameters
+
+    weights = {k: v for k, v in v1_weights.items() if not (tied and k == "lm_head.weight")}
+    folder = write_v1_folder(tmp_path / "m", weights, config={**LATER_CONFIG, "tie_word_embeddings": tied})
+    with meta_parameters():
+        llm = mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+    assert not any(p.is_meta for p in llm.parameters())
+    assert (llm.head.weight is llm.embedding.weight) == tied
+    reference = mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+    ids = torch.randint(0, 500, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(llm, ids), _logits(reference, ids), atol=0, rtol=0)

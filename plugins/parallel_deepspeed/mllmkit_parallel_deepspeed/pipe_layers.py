@@ -7,14 +7,11 @@ last (:class:`FinalLayer`): the final norm, holding the head that :class:`Labell
 at labelled positions. Between stages travel ``(hidden [B,T,H], attention_mask [B,T])``; labels go
 straight from the data to the last stage. No identity ballast layers, no dummy trainable layer.
 
-Also here: :func:`meta_parameters` (build with parameters on the meta device) and the helpers that
-materialise one stage's layers and free the others.
+Also here: the helpers that materialise one stage's layers (after a build under
+:func:`mllmkit.weights.meta_parameters`) and free the others.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -28,32 +25,9 @@ __all__ = [
     "FinalLayer",
     "LabelledLoss",
     "materialize_layers",
-    "meta_parameters",
     "pipeline_layers",
     "release_layers",
 ]
-
-
-@contextlib.contextmanager
-def meta_parameters() -> Iterator[None]:
-    """Every ``nn.Parameter`` registered inside lands on the meta device (buffers stay real).
-
-    Component builders place their modules on a device of their own choosing; this catches the
-    parameters as they are registered, so the model takes no memory until a stage materialises it.
-    Parts that a builder loads from files afterwards are real (the pipeline frees the other stages').
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def _no_reentrant_checkpoint(function, *args):

@@ -6,7 +6,7 @@ world / num_stages (refused at setup when it does not divide). The loop sees the
 ``is_main`` is global rank 0.
 
 Model: with ``meta_init`` (default) the backend assembles the recipe with every parameter on the
-meta device (:func:`~mllmkit_parallel_deepspeed.pipe_layers.meta_parameters`); after partitioning
+meta device (:func:`mllmkit.weights.meta_parameters`; weights read from files stay real); after partitioning
 only this rank's layers are materialised (random-weight parts initialised on the device; parts a
 builder loaded from files are kept) and every other stage's tensors are released to meta. Without
 it the model is built normally (same seed on every rank) and the other stages are released.
@@ -36,13 +36,13 @@ from mllmkit.errors import UserError
 from mllmkit.model import labelled_rows
 from mllmkit.train.engine import named_optimizer_state
 from mllmkit.train.optim import set_lr
+from mllmkit.weights import meta_parameters
 from mllmkit_parallel_deepspeed.configs import PipelineConfig
 from mllmkit_parallel_deepspeed.known_shapes import KnownShapeTransfers
 from mllmkit_parallel_deepspeed.partition import Plan, format_plan, layer_costs, plan_partition
 from mllmkit_parallel_deepspeed.pipe_layers import (
     LabelledLoss,
     materialize_layers,
-    meta_parameters,
     pipeline_layers,
     release_layers,
 )

@@ -103,8 +103,15 @@ def test_pipeline_dp_x_pp_matches_single(tmp_path, tiny_recipe, single_losses):
 
 
 def test_pipeline_meta_init_materialises_only_the_local_stage(tmp_path, tiny_recipe):
+    """Random-init parts are built on meta and materialised per stage; the vision weights come from a
+    file (eva_vit_g.pth layout) and must stay loaded (they were turned to meta once: the run failed)."""
+    from mllmkit_vision_eva.encoder import EVA_TINY
+    from mllmkit_vision_eva.random_checkpoint import write_random_checkpoint
+
+    weights = write_random_checkpoint(tmp_path / "eva_vit_g.pth", EVA_TINY, grid=4)
     out = tmp_path / "run"
-    result = torchrun(2, tiny_recipe, out, "parallel.type=pipeline", "parallel.stage_map=[0, 2]")
+    result = torchrun(2, tiny_recipe, out, "parallel.type=pipeline", "parallel.stage_map=[0, 2]",
+                      f"model.vision.weights='{weights}'")
     _ok(result)
     assert "pipeline partition (stage_map): 2 stages" in result.stderr
     assert len(losses(out)) == 3 and all(math.isfinite(loss) for loss in losses(out))

@@ -13,9 +13,9 @@ from mllmkit_parallel_deepspeed.partition import (
     layer_costs,
     plan_partition,
 )
-from mllmkit_parallel_deepspeed.pipe_layers import meta_parameters
 
 from mllmkit.errors import UserError
+from mllmkit.weights import meta_parameters
 
 
 def _brute(weights: list[float], k: int) -> float:

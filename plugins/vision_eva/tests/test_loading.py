@@ -164,3 +164,15 @@ def test_random_checkpoint_writer_uses_the_manifest_layout(tmp_path, make_state_
     assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in manifest_layout.items()}
     enc = _build(weights=path, precision="bf16")
     assert torch.isfinite(enc(torch.randn(1, 3, 56, 56)).float()).all()
+
+
+def test_build_under_meta_parameters_keeps_the_loaded_weights(tiny_ckpt):
+    """A pipeline stage builds under meta_parameters: the weights read from the file stay real."""
+    from mllmkit.weights import meta_parameters
+
+    with meta_parameters():
+        enc = _build(weights=tiny_ckpt, precision="fp16")
+    reference = _build(weights=tiny_ckpt, precision="fp16")
+    assert not any(p.is_meta for p in enc.parameters())
+    for (name, got), (_, want) in zip(enc.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(got, want), name
