@@ -115,7 +115,8 @@ def profile_one_step(engine, batches, table: pathlib.Path) -> dict:
     return {"profiled_wall_s": wall, "gpu_compute_s": compute, "nccl_kernel_s": nccl}
 
 
-def run_worker(mode: str, tiny: bool, steps: int, shape: str, checkpointing: bool, out: pathlib.Path) -> None:
+def run_worker(mode: str, tiny: bool, steps: int, shape: str, checkpointing: bool, profiled: bool,
+               out: pathlib.Path) -> None:
     import functools
 
     import torch
@@ -189,7 +190,7 @@ def run_worker(mode: str, tiny: bool, steps: int, shape: str, checkpointing: boo
         result["error"] = f"out of memory in a training step: {str(exc).splitlines()[0]}"
     step_s = statistics.median(times) if times else float("nan")
     profile = {}
-    if cuda and times:
+    if cuda and times and profiled:
         logs = ROOT / "bench" / "results" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         rank = getattr(backend, "global_rank", 0)
@@ -223,11 +224,14 @@ def main() -> int:
                         help="comma-separated on/off: recompute the LLM decoders in backward (both runs alike)")
     parser.add_argument("--shapes", default="8x16",
                         help="comma-separated MICROxACCUM: micro-batch size x micro-batches per step")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the profiled step (slow to summarise with many micro-batches)")
     parser.add_argument("--worker", choices=["pipeline", "single"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker, args.tiny, args.steps, args.shapes, args.checkpointing == "on", pathlib.Path(args.out))
+        run_worker(args.worker, args.tiny, args.steps, args.shapes, args.checkpointing == "on", not args.no_profile,
+                   pathlib.Path(args.out))
         return 0
 
     import socket
@@ -242,7 +246,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if args.tiny:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    flags = ["--tiny"] if args.tiny else []
+    flags = (["--tiny"] if args.tiny else []) + (["--no-profile"] if args.no_profile else [])
     shapes = ["2x2"] if args.tiny else args.shapes.split(",")
     comparisons = []
     for shape, setting in ((s, c) for s in shapes for c in args.checkpointing.split(",")):
