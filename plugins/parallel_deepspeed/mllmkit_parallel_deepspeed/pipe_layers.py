@@ -4,8 +4,9 @@ Layer 0 (:class:`EmbedLayer`): vision encoder + bridges + token embedding + imag
 (``MLLM.embed``); then one :class:`DecoderLayer` per LLM decoder layer (``llm.layers()``, with the
 causal mask, positions and rotary embedding recomputed on each stage from the 2-D attention mask);
 last (:class:`FinalLayer`): the final norm, holding the head that :class:`LabelledLoss` applies only
-at labelled positions. Between stages travel ``(hidden [B,T,H], attention_mask [B,T])``; labels go
-straight from the data to the last stage. No identity ballast layers, no dummy trainable layer.
+at labelled positions. Between stages travel ``(hidden [B,T,H], attention_mask [B,T])``; the labelled
+rows and their targets go from the host straight to the last stage. No identity ballast layers, no
+dummy trainable layer.
 
 Also here: the helpers that materialise one stage's layers (after a build under
 :func:`mllmkit.weights.meta_parameters`) and free the others.
