@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from mllmkit.hf_llm import cache_keyword
+
 __all__ = ["generate", "Decoder", "decoder_for", "TokenCallback"]
 
 #: Called with each new token id, in order; returning True stops generation after that token.
@@ -77,6 +79,7 @@ class Decoder:
 
         self.hf_model = _hf_model(llm)
         self.model = self.hf_model.model
+        self._cache_kw = cache_keyword(self.model.forward)
         param = next(self.hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_cache_len = int(max_cache_len)
@@ -120,7 +123,7 @@ class Decoder:
         mask |= keys[None, :] == queries[:, None]  # a padding query attends to itself (no empty softmax row)
         position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.model(inputs_embeds=embeds.to(self.dtype), attention_mask=mask[:, None],
-                            position_ids=position_ids, past_key_values=self.cache, use_cache=True).last_hidden_state
+                            position_ids=position_ids, use_cache=True, **{self._cache_kw: self.cache}).last_hidden_state
         return self.hf_model.lm_head(hidden[:, -1:]).float()[:, -1]
 
     def _step(self) -> torch.Tensor:
@@ -128,7 +131,7 @@ class Decoder:
         embeds = self.model.embed_tokens(self._ids)
         mask = (self._arange <= self._slot) & self._valid[0]
         hidden = self.model(inputs_embeds=embeds, attention_mask=mask.view(1, 1, 1, -1),
-                            position_ids=self._pos, past_key_values=self.cache, use_cache=True).last_hidden_state
+                            position_ids=self._pos, use_cache=True, **{self._cache_kw: self.cache}).last_hidden_state
         return self.hf_model.lm_head(hidden).float()[:, -1]
 
     def _capture(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -19,7 +20,13 @@ from torch import nn
 from mllmkit.interfaces import Tokenizer
 from mllmkit.template import ChatTemplate
 
-__all__ = ["HFCausalLM", "new_hf_model", "finish_meta_load"]
+__all__ = ["HFCausalLM", "cache_keyword", "new_hf_model", "finish_meta_load"]
+
+
+def cache_keyword(function) -> str:
+    """The name a transformers function gives its KV-cache argument: ``cache`` in 5.2x releases,
+    ``past_key_values`` before (still accepted by 5.2x, with a FutureWarning on every call)."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
 def _checkpointed_forward(forward, *args, **kwargs):

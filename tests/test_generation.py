@@ -48,6 +48,7 @@ def test_left_padding_matches_unpadded(llm):
     assert generate(llm, padded, mask, max_new_tokens=12) == expected
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache goes in under this transformers' own name
 def test_decoder_reused_across_calls_and_prompts(llm):
     first = _prompt(llm, 12, seed=1)
     second = _prompt(llm, 5, seed=2)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllmkit.hf_llm import cache_keyword
+
 __all__ = ["LayerInputsCache"]
 
 
@@ -26,7 +28,7 @@ def _no_cache_arguments(make_mask, hidden: torch.Tensor) -> dict:
     """The "no KV cache" arguments of a transformers mask function: 5.x before 5.2x names the cache
     ``past_key_values`` and may ask for ``cache_position``; later releases name it ``cache``."""
     parameters = inspect.signature(make_mask).parameters
-    arguments: dict[str, Any] = {"cache" if "cache" in parameters else "past_key_values": None}
+    arguments: dict[str, Any] = {cache_keyword(make_mask): None}
     if "cache_position" in parameters:
         arguments["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
     return arguments
