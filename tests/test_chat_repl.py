@@ -165,3 +165,28 @@ def test_mllmkit_chat_subprocess_with_qwen_tiny_through_a_pipe(tmp_path, tiny_im
         assert lines[4] == f"error: image not found: {tmp_path / 'nope.png'}"
         after_conf = lines[lines.index("num_beams = 2") + 1:]
         assert any(line.startswith("Assistant: ") for line in after_conf)  # the beam answer (may span lines)
+
+
+@pytest.mark.slow
+def test_random_init_notice_only_for_parts_the_checkpoint_does_not_hold(tmp_path):
+    """eva_tiny without a weight file says it is randomly initialised; chatting with a checkpoint that
+    holds every vision weight (a demo export, where the encoder trains) must not say so."""
+    pytest.importorskip("mllmkit_llm_qwen", reason="plugins/llm_qwen is not installed")
+    pytest.importorskip("mllmkit_vision_eva", reason="plugins/vision_eva is not installed")
+    pytest.importorskip("mllmkit_bridge_qformer", reason="plugins/bridge_qformer is not installed")
+    from safetensors.torch import save_file
+
+    import mllmkit
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tomli_w.dumps(TINY_QWEN_RECIPE))
+    model = mllmkit.assemble(mllmkit.load_recipe(recipe))
+    vision_only = tmp_path / "vision.safetensors"
+    save_file({f"vision.{n}": p.detach().contiguous() for n, p in model.vision.named_parameters()}, str(vision_only))
+    notice = "model.vision: no weights given: EVA encoder (2 blocks, width 64) is randomly initialised"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    for extra, shown in (([], True), (["--checkpoint", str(vision_only)], False)):
+        proc = subprocess.run([sys.executable, "-m", "mllmkit.cli", "chat", str(recipe), "--device", "cpu", *extra],
+                              input=":q\n", capture_output=True, text=True, timeout=120, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert (notice in proc.stderr) == shown, proc.stderr

@@ -9,8 +9,10 @@ expected names; the seed's fine-tuned-LLM file (``llm_model.transformer.*``) is 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -123,11 +125,52 @@ def load_chat_model(recipe: Any, *, checkpoint: str | pathlib.Path | None = None
     source, export = _recipe_and_export(recipe)
     if not isinstance(source, Recipe):
         source = load_recipe(source, list(overrides))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(source.train.seed)  # as training does: parts without weight files match its
-        model = assemble(source)
     checkpoint = checkpoint or source.chat.checkpoint or export
-    if checkpoint is not None:
-        load_trained_weights(model, checkpoint)
+    with _held_warnings() as held:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.train.seed)  # as training does: parts without weight files match its
+            model = assemble(source)
+        if checkpoint is not None:
+            loaded = set(load_trained_weights(model, checkpoint))
+            held.drop(_part_keys(source, model, loaded))
     place_model(model, device or source.chat.device, precision or source.chat.precision)
     return model, source
+
+
+class _HeldWarnings(logging.Handler):
+    """The warnings logged while the chat model is built, held until its checkpoint is loaded."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Forget the records about these recipe keys (``model.vision: … randomly initialised`` is
+        not true of a part whose every weight the checkpoint holds)."""
+        prefixes = tuple(f"{key}:" for key in keys)
+        self.records = [r for r in self.records if not r.getMessage().startswith(prefixes)]
+
+
+@contextlib.contextmanager
+def _held_warnings() -> Iterator[_HeldWarnings]:
+    root = logging.getLogger()
+    held = _HeldWarnings()
+    root.addHandler(held)
+    try:
+        yield held
+    finally:
+        root.removeHandler(held)
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
+
+
+def _part_keys(recipe, model, loaded: set[str]) -> list[str]:
+    """Recipe keys (``model.vision``, ``model.bridges[1]``, ``model.llm``) of the parts whose every
+    parameter came from the checkpoint."""
+    keys = {"vision": recipe.vision.key, "llm": recipe.llm.key,
+            **{f"bridges.{i}": bridge.key for i, bridge in enumerate(recipe.bridges)}}
+    return [keys[name] for name, part in model.parts()
+            if all(f"{name}.{n}" in loaded for n, _ in part.named_parameters())]
