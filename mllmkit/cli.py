@@ -35,6 +35,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print("  model:    " + " → ".join(chain))
     print("  data:     " + (", ".join(d.type for d in recipe.train_data) or "(no training data)"))
     print(f"  parallel: {recipe.parallel.type}")
+    for line in recipe.missing_inputs():
+        print(f"  not there yet (mllmkit run needs it): {line}")
     return 0
 
 

@@ -113,3 +113,28 @@ def test_good_recipe_fills_defaults(core_plugin_host, tmp_path):
     assert recipe.parallel.type == "single"
     wiring = check_wiring(recipe)
     assert (wiring.vision.out_dim, wiring.vision.out_tokens, wiring.bridges[0].out_dim, wiring.llm.out_dim) == (24, 5, 32, 32)
+
+
+def test_missing_inputs_stop_mllmkit_run_before_it_starts(core_plugin_host, tmp_path, capsys):
+    from mllmkit.cli import main
+
+    (tmp_path / "there.json").write_text("[]")
+    path = tmp_path / "inputs.toml"
+    path.write_text(GOOD.replace('type = "linear"', 'type = "linear"\nweights = "ckpt/proj.pth"') + textwrap.dedent("""
+        [[data.train]]
+        type = "minigpt4qwen_instruction"
+        annotations = "there.json"
+        images = "images"
+
+        [[data.eval]]
+        type = "llava_conversations"
+        annotations = "eval.json"
+        """))
+    missing = [f"model.bridges[0].weights: not found: {tmp_path / 'ckpt/proj.pth'}",
+               f"data.train[0].images: not found: {tmp_path / 'images'}",
+               f"data.eval[0].annotations: not found: {tmp_path / 'eval.json'}"]
+    assert load_recipe(path).missing_inputs() == missing
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("mllmkit: error: the recipe names inputs that are not there (paths are relative "
+                                       "to the recipe's folder, then $MLLMKIT_HOME):\n  " + "\n  ".join(missing) + "\n")
+    assert not (tmp_path / "run").exists()

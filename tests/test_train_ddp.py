@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from mllmkit.train.launch import free_port
 
@@ -99,3 +100,15 @@ def test_a_dead_rank_stops_the_others(plugin_host, tmp_path):
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)],
                           env=_env(), capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode != 0
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from mllmkit.builtin.backends import pick_device
+    from mllmkit.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError) as info:
+        pick_device("auto", local_rank=1)
+    assert str(info.value) == ("this process is number 1 on its node but only 1 GPU(s) are visible; launch at "
+                               "most one process per GPU (--nproc-per-node)")

@@ -33,6 +33,9 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("train.device = 'cuda' but no CUDA device is available; set train.device = 'auto'")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"this process is number {local_rank} on its node but only {torch.cuda.device_count()} "
+                            f"GPU(s) are visible; launch at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

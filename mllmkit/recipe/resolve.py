@@ -66,6 +66,17 @@ class Recipe:
             "chat": unstructure(self.chat),
         }
 
+    def missing_inputs(self) -> list[str]:
+        """``key: not found: path`` for every file or folder a model part or dataset names that is not
+        there (weights, LLM folders, annotations, image folders), so a run can stop before it starts."""
+        missing = []
+        for component in [self.vision, *self.bridges, self.llm, *self.train_data, *self.eval_data]:
+            for field in attrs.fields(type(component.config)):
+                value = getattr(component.config, field.name)
+                if isinstance(value, pathlib.Path) and not value.exists():
+                    missing.append(f"{component.key}.{field.name}: not found: {value}")
+        return missing
+
 
 def load_recipe(source: str | pathlib.Path | Mapping[str, Any], overrides: Iterable[str] = (),
                 registry: Registry | None = None, base_dir: str | pathlib.Path | None = None) -> Recipe:

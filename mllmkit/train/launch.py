@@ -3,6 +3,8 @@
 With ``--nproc-per-node N`` (and not already under torchrun) this starts
 ``python -m torch.distributed.run --nproc_per_node N --master_addr 127.0.0.1 --master_port <free>
 -m mllmkit.cli run ...`` and returns its exit code; every worker then reads torchrun's environment.
+A recipe whose parallel backend has ``num_stages`` > 1 (a pipeline) cannot run in one process, so
+without a launcher and without ``--nproc-per-node`` it starts ``num_stages`` processes (one per stage).
 """
 
 from __future__ import annotations
@@ -50,14 +52,24 @@ def run_command(recipe: str, overrides: list[str], resume: str | None = None, np
     """Train the recipe; returns the process exit code."""
     if nproc_per_node is not None and nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be at least 1, found {nproc_per_node}")
-    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        return subprocess.call(torchrun_command(recipe, overrides, resume, nproc_per_node, output_dir), env=env)
-
     from mllmkit.recipe import load_recipe
     from mllmkit.train.loop import train
 
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)  # a bad recipe stops here, before any process starts
+    missing = loaded.missing_inputs()
+    if missing:
+        raise UserError("the recipe names inputs that are not there (paths are relative to the recipe's "
+                        "folder, then $MLLMKIT_HOME):\n  " + "\n  ".join(missing))
+    launched = "LOCAL_RANK" in os.environ
+    stages = getattr(loaded.parallel.config, "num_stages", 1)
+    if nproc_per_node is None and not launched and stages > 1:
+        print(f"mllmkit: parallel.num_stages = {stages}: starting {stages} processes with torchrun, one per stage "
+              f"(--nproc-per-node N for data parallel as well)", file=sys.stderr, flush=True)
+        nproc_per_node = stages
+    if nproc_per_node is not None and not launched:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        return subprocess.call(torchrun_command(recipe, overrides, resume, nproc_per_node, output_dir), env=env)
+
     run_dir = pathlib.Path(output_dir).resolve() if output_dir else default_run_dir(loaded)
     result = train(loaded, run_dir, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,11 +80,12 @@ class PipelineBackend(DeepSpeedBackendBase):
         self.stage, self.num_stages = 0, cfg.num_stages
 
     def setup(self) -> None:
-        super().setup()
-        if self.global_world % self.cfg.num_stages:
-            raise UserError(f"parallel.num_stages = {self.cfg.num_stages} does not divide the {self.global_world} "
+        world = int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1
+        if world % self.cfg.num_stages:  # before DeepSpeed starts (its first start builds ops for minutes)
+            raise UserError(f"parallel.num_stages = {self.cfg.num_stages} does not divide the {world} "
                             f"processes of this launch; launch a multiple of {self.cfg.num_stages} processes "
                             f"(--nproc-per-node), or change num_stages")
+        super().setup()
         dp = self.global_world // self.cfg.num_stages
         self.stage, dp_rank = divmod(self.global_rank, dp)  # DeepSpeed's pipe-data topology
         self.rank, self.world_size = dp_rank, dp

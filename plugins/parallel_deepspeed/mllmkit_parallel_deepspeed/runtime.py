@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mllmkit.builtin.backends import pick_device
 from mllmkit.errors import UserError
 
 __all__ = ["DeepSpeedBackendBase", "count_window", "dp_batch_config", "prepare_accelerator"]
@@ -87,8 +88,7 @@ class DeepSpeedBackendBase:
         self.global_world = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         if kind == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
+            self.device = pick_device("cuda", self.local_rank)
         import deepspeed
 
         deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False,

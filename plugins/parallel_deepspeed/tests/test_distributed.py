@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
-from mllmkit_parallel_deepspeed.testing import TINY_RECIPE, losses, torchrun
+from mllmkit_parallel_deepspeed.testing import TINY_RECIPE, ds_env, losses, torchrun
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -115,6 +117,18 @@ def test_pipeline_meta_init_materialises_only_the_local_stage(tmp_path, tiny_rec
     _ok(result)
     assert "pipeline partition (stage_map): 2 stages" in result.stderr
     assert len(losses(out)) == 3 and all(math.isfinite(loss) for loss in losses(out))
+
+
+def test_plain_mllmkit_run_starts_one_process_per_stage(tmp_path, tiny_recipe, pipeline_run):
+    """`mllmkit run pipeline-recipe` with no launcher and no --nproc-per-node: num_stages processes."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mllmkit.cli", "run", str(tiny_recipe), "--output-dir", str(out),
+               "--set", "parallel.type=pipeline", "--set", "parallel.meta_init=false", "--set", "train.save_every=2"]
+    result = subprocess.run(command, env=ds_env(tmp_path), capture_output=True, text=True, timeout=240, check=False)
+    _ok(result)
+    assert ("mllmkit: parallel.num_stages = 2: starting 2 processes with torchrun, one per stage "
+            "(--nproc-per-node N for data parallel as well)") in result.stderr
+    assert losses(out) == losses(pipeline_run[0])
 
 
 def test_world_size_not_divisible_is_a_clear_error(tmp_path, tiny_recipe):

@@ -99,7 +99,11 @@ def load_eva_weights(encoder: EvaVisionEncoder, path: str | pathlib.Path, *, dty
     grid = encoder.image_size // encoder.patch_size
     key_map = eva_key_map(num_blocks, grid, source=str(path))
     try:
-        report = load_into(encoder, iter_tensors(checkpoint_files(path)), key_map, source=str(path),
+        files = checkpoint_files(path)
+    except WeightsError as exc:  # not there: the key-layout hints below would not help
+        raise WeightsError(f"{key}.weights: {exc}") from None
+    try:
+        report = load_into(encoder, iter_tensors(files), key_map, source=str(path),
                            dtype=dtype, keep_fp32=_KEEP_FP32)
     except WeightsError as exc:
         raise WeightsError(

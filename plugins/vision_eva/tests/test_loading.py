@@ -176,3 +176,9 @@ def test_build_under_meta_parameters_keeps_the_loaded_weights(tiny_ckpt):
     assert not any(p.is_meta for p in enc.parameters())
     for (name, got), (_, want) in zip(enc.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(got, want), name
+
+
+def test_missing_file_is_named_without_key_layout_hints(tmp_path):
+    with pytest.raises(WeightsError) as info:
+        _build(weights=tmp_path / "eva_vit_g.pth")
+    assert str(info.value) == f"model.vision.weights: checkpoint not found: {tmp_path / 'eva_vit_g.pth'}"
