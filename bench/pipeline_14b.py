@@ -9,7 +9,7 @@ materialises only each rank's stage on its GPU (random init), the one-GPU run ma
 Both train a few optimizer steps on synthetic samples (one 224 px image + text, labels on the
 answer part) with the same global batch, for each MICROxACCUM shape and each activation-checkpointing
 setting (on: both recompute the LLM decoders in backward; off: neither does), and report step time,
-samples/s and peak memory per stage; one more step per rank runs under torch.profiler (compute vs
+samples/s and peak memory per stage; unless --no-profile, one more step per rank runs under torch.profiler (compute vs
 NCCL kernel time; op tables in bench/results/logs/). Per-stage partition (cost model) is stored too. If the whole model does not fit
 one GPU the single run reports the out-of-memory error instead.
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +46,12 @@ from mllmkit_parallel_deepspeed.pipe_layers import (
     pipeline_layers,
     release_layers,
 )
-from mllmkit_parallel_deepspeed.runtime import DeepSpeedBackendBase, count_window, dp_batch_config
+from mllmkit_parallel_deepspeed.runtime import (
+    DeepSpeedBackendBase,
+    count_window,
+    dp_batch_config,
+    launch_world_size,
+)
 from mllmkit_parallel_deepspeed.zero import _merge, relink_zero_state
 
 __all__ = ["PipelineBackend", "PipelineEngine", "pipeline_ds_config", "plan_for"]
@@ -80,7 +84,7 @@ class PipelineBackend(DeepSpeedBackendBase):
         self.stage, self.num_stages = 0, cfg.num_stages
 
     def setup(self) -> None:
-        world = int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1
+        world = launch_world_size()
         if world % self.cfg.num_stages:  # before DeepSpeed starts (its first start builds ops for minutes)
             raise UserError(f"parallel.num_stages = {self.cfg.num_stages} does not divide the {world} "
                             f"processes of this launch; launch a multiple of {self.cfg.num_stages} processes "

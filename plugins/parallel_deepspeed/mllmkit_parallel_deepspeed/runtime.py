@@ -26,7 +26,7 @@ import torch
 from mllmkit.builtin.backends import pick_device
 from mllmkit.errors import UserError
 
-__all__ = ["DeepSpeedBackendBase", "count_window", "dp_batch_config", "prepare_accelerator"]
+__all__ = ["DeepSpeedBackendBase", "count_window", "dp_batch_config", "launch_world_size", "prepare_accelerator"]
 
 
 def prepare_accelerator(preference: str) -> str:
@@ -37,6 +37,12 @@ def prepare_accelerator(preference: str) -> str:
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return "cuda" if use_cuda else "cpu"
+
+
+def launch_world_size() -> int:
+    """Processes in this job as the launcher's environment says (1 without a launcher), readable
+    before the process group starts."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1
 
 
 def _free_port() -> int:
