@@ -35,6 +35,7 @@ __all__ = ["generate", "Decoder", "decoder_for", "TokenCallback"]
 TokenCallback = Callable[[int], "bool | None"]
 
 _DECODERS: weakref.WeakKeyDictionary[nn.Module, Decoder] = weakref.WeakKeyDictionary()
+_BATCH_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[int, Decoder]] = weakref.WeakKeyDictionary()  # by rows
 _CACHE_LEN_STEP = 256  # static cache lengths are rounded up to this (one graph serves many prompts)
 
 
@@ -67,14 +68,16 @@ def _logits_processors(do_sample: bool, temperature: float, top_k: int, top_p: f
 
 
 class Decoder:
-    """Static-cache decoder for one causal LM, batch 1; on CUDA its one-token step is a CUDA graph.
+    """Static-cache decoder for one causal LM; on CUDA its one-token step is a CUDA graph.
 
     ``max_cache_len`` bounds prompt + new tokens; a longer request makes :func:`decoder_for` build a
-    larger decoder (the old one is dropped with its cache).
+    larger decoder (the old one is dropped with its cache). :meth:`generate` decodes one prompt
+    (``batch_size`` 1); with ``batch_size`` > 1 the cache, the step and its graph hold that many rows,
+    each with its own valid keys and positions, and :mod:`mllmkit.generation_batch` runs the loop.
     """
 
     def __init__(self, llm: nn.Module, max_cache_len: int, *, use_cuda_graph: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, batch_size: int = 1) -> None:
         from transformers import StaticCache
 
         self.hf_model = _hf_model(llm)
@@ -83,13 +86,14 @@ class Decoder:
         param = next(self.hf_model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_cache_len = int(max_cache_len)
+        self.batch_size = rows = int(batch_size)
         self.use_cuda_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         self.cache = StaticCache(config=self.hf_model.config, max_cache_len=self.max_cache_len)
         dev = self.device
         self._arange = torch.arange(self.max_cache_len, device=dev)
-        self._valid = torch.ones(1, self.max_cache_len, dtype=torch.bool, device=dev)  # key j is a real token
-        self._ids = torch.zeros(1, 1, dtype=torch.long, device=dev)        # the token being fed
-        self._pos = torch.zeros(1, 1, dtype=torch.long, device=dev)        # its rotary position
+        self._valid = torch.ones(rows, self.max_cache_len, dtype=torch.bool, device=dev)  # key j is a real token
+        self._ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)        # the token being fed
+        self._pos = torch.zeros(rows, 1, dtype=torch.long, device=dev)        # its rotary position
         self._slot = torch.zeros((), dtype=torch.long, device=dev)         # its cache slot
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
@@ -99,8 +103,8 @@ class Decoder:
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         # First call initialises the cache tensors (lazy in transformers); the graph needs them fixed.
         with torch.inference_mode():
-            self._prefill(torch.zeros(1, 1, self.hf_model.config.hidden_size, device=dev, dtype=self.dtype),
-                          torch.ones(1, 1, dtype=torch.bool, device=dev))
+            self._prefill(torch.zeros(rows, 1, self.hf_model.config.hidden_size, device=dev, dtype=self.dtype),
+                          torch.ones(rows, 1, dtype=torch.bool, device=dev))
             if self.use_cuda_graph:
                 self._capture()
 
@@ -112,7 +116,7 @@ class Decoder:
 
     # -- the two forward passes --
     def _prefill(self, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Run the prompt (``[1, L, H]``, ``valid [1, L]``) into an empty cache; last position's logits."""
+        """Run the prompts (``[rows, L, H]``, ``valid [rows, L]``) into an empty cache; last position's logits."""
         length = embeds.shape[1]
         self._set_length(0)
         self._valid.fill_(True)
@@ -127,10 +131,10 @@ class Decoder:
         return self.hf_model.lm_head(hidden[:, -1:]).float()[:, -1]
 
     def _step(self) -> torch.Tensor:
-        """One token: ``self._ids`` at ``self._pos`` into slot ``self._slot``; returns ``[1, vocab]`` logits."""
+        """One token a row: ``self._ids`` at ``self._pos`` into slot ``self._slot``; ``[rows, vocab]`` logits."""
         embeds = self.model.embed_tokens(self._ids)
-        mask = (self._arange <= self._slot) & self._valid[0]
-        hidden = self.model(inputs_embeds=embeds, attention_mask=mask.view(1, 1, 1, -1),
+        mask = (self._arange <= self._slot) & self._valid
+        hidden = self.model(inputs_embeds=embeds, attention_mask=mask.view(self.batch_size, 1, 1, -1),
                             position_ids=self._pos, use_cache=True, **{self._cache_kw: self.cache}).last_hidden_state
         return self.hf_model.lm_head(hidden).float()[:, -1]
 
@@ -157,12 +161,31 @@ class Decoder:
             return self._logits
         return self._step_fn()
 
+    def prefill(self, inputs_embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run ``[rows, L, H]`` prompts (``valid [rows, L]``, left padding False) into an empty cache;
+        returns the last position's ``[rows, vocab]`` float32 logits."""
+        return self._prefill(inputs_embeds, valid)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor | int, slot: int) -> torch.Tensor:
+        """Feed one token a row (``ids [rows]`` at rotary ``positions``) into cache ``slot``; returns the
+        ``[rows, vocab]`` float32 logits (a view that the next step overwrites)."""
+        self._ids.copy_(ids.view(self.batch_size, 1))
+        if isinstance(positions, int):
+            self._pos.fill_(positions)
+        else:
+            self._pos.copy_(positions.view(self.batch_size, 1))
+        self._slot.fill_(slot)
+        return self._run_step()
+
     # -- the loop --
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int, stop_token_ids: Sequence[int] = (), do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, on_token: TokenCallback | None = None) -> list[int]:
+        if self.batch_size != 1:
+            raise ValueError(f"this decoder holds {self.batch_size} rows; decode batches with "
+                             f"mllmkit.generation_batch.generate_batch")
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
             raise ValueError(f"generate takes one prompt: inputs_embeds [1, length, hidden], got "
                              f"{tuple(inputs_embeds.shape)}")
@@ -194,10 +217,7 @@ class Decoder:
             if ready is not None:
                 ready.record()
             if step + 1 < max_new_tokens:  # queue the next step before looking at this token
-                self._ids.copy_(token.view(1, 1))
-                self._pos.fill_(next_pos + step)
-                self._slot.fill_(length + step)
-                logits = self._run_step()
+                logits = self.step(token, next_pos + step, length + step)
             if ready is not None:
                 ready.synchronize()
             tok = int(host[step])
@@ -210,21 +230,24 @@ class Decoder:
 
 
 def decoder_for(llm: nn.Module, needed_len: int, *, use_cuda_graph: bool | None = None,
-                compile: bool | None = None) -> Decoder:
-    """The LLM's cached :class:`Decoder`, rebuilt with a larger cache when ``needed_len`` does not fit
-    (or when ``use_cuda_graph`` / ``compile`` is given and differs from the cached one's)."""
+                compile: bool | None = None, batch_size: int = 1) -> Decoder:
+    """The LLM's cached :class:`Decoder` of ``batch_size`` rows (one kept per row count), rebuilt with a
+    larger cache when ``needed_len`` does not fit (or when ``use_cuda_graph`` / ``compile`` is given and
+    differs from the cached one's)."""
     hf_model = _hf_model(llm)
-    decoder = _DECODERS.get(hf_model)
+    key, decoders = (hf_model, _DECODERS) if batch_size == 1 else (batch_size, _BATCH_DECODERS.setdefault(hf_model, {}))
+    decoder = decoders.get(key)
     if decoder is None or decoder.max_cache_len < needed_len or (
             use_cuda_graph is not None and decoder.use_cuda_graph != use_cuda_graph) or (
             compile is not None and decoder.compiled != compile):
         if decoder is not None:
-            _DECODERS.pop(hf_model, None)
+            decoders.pop(key, None)
             del decoder
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         size = -(-needed_len // _CACHE_LEN_STEP) * _CACHE_LEN_STEP
-        decoder = _DECODERS[hf_model] = Decoder(llm, size, use_cuda_graph=use_cuda_graph, compile=bool(compile))
+        decoder = decoders[key] = Decoder(llm, size, use_cuda_graph=use_cuda_graph, compile=bool(compile),
+                                          batch_size=batch_size)
     return decoder
 
 
