@@ -73,6 +73,10 @@ class JsonAnnotations:
             records = json.loads(annotations.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{annotations}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise UserError(f"{annotations}: not usable JSON (nested too deeply to read)") from None
+        except OSError as exc:
+            raise UserError(f"{annotations}: cannot read the annotation file ({exc.strerror or exc})") from None
         if not isinstance(records, list):
             raise UserError(f"{annotations}: expected a JSON list of records, found a {type(records).__name__}")
         self.records: list[Any] = records[:max_samples] if max_samples else records
@@ -86,12 +90,16 @@ class JsonAnnotations:
         if not isinstance(record, dict):
             raise self.malformed(index, f"expected an object, found {type(record).__name__}")
         images, messages = self.parse(record, index)
-        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
         if markers == 0 and images:
             first = next(i for i, m in enumerate(messages) if m["role"] == "user")
             messages[first] = {"role": "user", "content": IMAGE_SPAN * len(images) + " " + messages[first]["content"]}
         elif markers != len(images):
             raise self.malformed(index, f"{markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s)")
+        outside = [p for p in images if pathlib.PurePath(p).is_absolute() or ".." in pathlib.PurePath(p).parts]
+        if outside:
+            raise self.malformed(index, f"image path {outside[0]!r} leaves the image folder {self.image_root}; "
+                                        f"name images relative to it, without '..'")
         paths = [self.image_root / p for p in images]
         return Sample(images=paths, messages=messages, source=self.source, index=index)
 

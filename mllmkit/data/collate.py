@@ -4,13 +4,13 @@
 (opening images, applying the encoder's transform with a per-sample random seed so augmentation
 does not depend on workers or on where a run resumed). Errors become :class:`Skip` records (with
 ``on_error = "skip"``) that :class:`Collator` drops from the batch and hands to the loop for
-counting. Batches are right-padded with the template's pad id to the longest sample of the batch;
+counting. Batches are right-padded with the template's pad id to the longest sample of the batch
+(rounded up to ``pad_to_multiple``);
 the attention mask comes from the lengths, never from comparing ids with the pad id.
 """
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,8 +18,11 @@ import attrs
 import torch
 
 from mllmkit.data.errors import MALFORMED_RECORD, MISSING_IMAGE, TOO_LONG, UNREADABLE_IMAGE, SampleError, Skip
+from mllmkit.data.images import ImageMissing, ImageUnreadable, read_image
+from mllmkit.errors import DataError
 from mllmkit.interfaces import Sample
-from mllmkit.template import IGNORE_INDEX, ChatTemplate, SampleTooLong, encode_pieces
+from mllmkit.model import labelled_rows
+from mllmkit.template import IGNORE_INDEX, IMAGE_MARKER, ChatTemplate, SampleTooLong, encode_pieces
 
 __all__ = ["Batch", "Collator", "EncodedDataset", "EncodedSample", "SampleEncoder", "open_image"]
 
@@ -39,8 +42,10 @@ class EncodedSample:
 class Batch:
     """A micro-batch: ``input_ids``/``labels``/``attention_mask`` ``[B, T]``, ``pixels`` ``[n_images, 3, H, W]``.
 
-    ``num_tokens`` counts labelled target tokens (what the token-mean loss divides by), ``skips``
-    the samples of this batch that were dropped.
+    Rows are right-padded. ``num_tokens`` counts labelled target tokens (what the token-mean loss
+    divides by), ``skips`` the samples of this batch that were dropped. ``loss_rows`` is
+    :func:`~mllmkit.model.labelled_rows` of the host labels, computed where the batch is built (a
+    DataLoader worker), so that no step gathers labelled positions on the GPU.
     """
 
     input_ids: torch.Tensor
@@ -48,6 +53,14 @@ class Batch:
     attention_mask: torch.Tensor
     pixels: torch.Tensor | None
     skips: tuple[Skip, ...] = ()
+    image_keys: tuple[tuple[str, int, int], ...] = ()
+    """Each image's ``(sample source, sample index, image number)``: what the feature cache is keyed by."""
+    image_tokens: int | None = None
+    """Image placeholders in ``input_ids``, counted on the host (``None``: the model counts them)."""
+    image_features: torch.Tensor | None = None
+    """The images' cached frozen features (:meth:`~mllmkit.model.MLLM.image_features`); replaces ``pixels``."""
+    loss_rows: tuple[torch.Tensor, torch.Tensor] = attrs.field(
+        default=attrs.Factory(lambda self: labelled_rows(self.labels), takes_self=True))
 
     @property
     def size(self) -> int:
@@ -55,29 +68,42 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+        return int(self.loss_rows[0].numel())
 
-    def model_inputs(self, device: torch.device | str) -> dict[str, torch.Tensor | None]:
-        """Keyword arguments for :meth:`mllmkit.model.MLLM.forward`, moved to ``device``."""
-        return {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device),
-                "attention_mask": self.attention_mask.to(device),
-                "pixels": None if self.pixels is None else self.pixels.to(device)}
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (``DataLoader(pin_memory=True)`` calls this), so that
+        :meth:`model_inputs` copies to the GPU without blocking the host."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return attrs.evolve(self, input_ids=pin(self.input_ids), labels=pin(self.labels),
+                            attention_mask=pin(self.attention_mask), pixels=pin(self.pixels),
+                            image_features=pin(self.image_features),
+                            loss_rows=(pin(self.loss_rows[0]), pin(self.loss_rows[1])))
+
+    def model_inputs(self, device: torch.device | str) -> dict[str, Any]:
+        """Keyword arguments for :meth:`mllmkit.model.MLLM.forward` on ``device``, with nothing the
+        step must wait for: copies are asynchronous (from pinned memory), no attention mask (rows are
+        right-padded, so the causal mask alone is exact and SDPA can take its flash kernel), the
+        labelled rows, their targets and the placeholder count come from the host."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        rows, targets = self.loss_rows
+        images = {"pixels": move(self.pixels)} if self.image_features is None \
+            else {"image_features": move(self.image_features)}
+        return {"input_ids": move(self.input_ids), "rows": move(rows), "targets": move(targets),
+                "image_tokens": self.image_tokens, **images}
 
 
 def open_image(image: Any, source: str, index: int):
-    """A PIL RGB image from a PIL image or a path; missing/unreadable files raise :class:`SampleError`."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not isinstance(image, (str, pathlib.Path)):
-        return image.convert("RGB")
-    path = pathlib.Path(image)
-    if not path.is_file():
-        raise SampleError(MISSING_IMAGE, source, index, f"image not found: {path}")
+    """A PIL RGB image from a PIL image or a path; a file that cannot be used raises :class:`SampleError`."""
     try:
-        with Image.open(path) as handle:
-            return handle.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SampleError(UNREADABLE_IMAGE, source, index, f"cannot read image {path}: {exc}") from None
+        return read_image(image)
+    except ImageMissing as exc:
+        raise SampleError(MISSING_IMAGE, source, index, str(exc)) from None
+    except ImageUnreadable as exc:
+        raise SampleError(UNREADABLE_IMAGE, source, index, str(exc)) from None
 
 
 class SampleEncoder:
@@ -89,12 +115,23 @@ class SampleEncoder:
         self.max_len, self.system = max_len, system
 
     def encode_text(self, sample: Sample, add_generation_prompt: bool = False, messages=None):
-        pieces = self.template.pieces(messages if messages is not None else sample.messages, self.tokens_per_image,
-                                      system=self.system, add_generation_prompt=add_generation_prompt)
+        """Ids and labels of the conversation; a record the template rejects is malformed, one whose
+        image spans (or, for training, every answer token) do not fit ``max_len`` is too long."""
+        messages = messages if messages is not None else sample.messages
         try:
-            return encode_pieces(pieces, self.max_len)
+            pieces = self.template.pieces(messages, self.tokens_per_image, system=self.system,
+                                          add_generation_prompt=add_generation_prompt)
+            encoded = encode_pieces(pieces, self.max_len)
         except SampleTooLong as exc:
             raise SampleError(TOO_LONG, sample.source, sample.index, str(exc)) from None
+        except DataError as exc:  # the template's own checks (e.g. a system turn after the first message)
+            raise SampleError(MALFORMED_RECORD, sample.source, sample.index, str(exc)) from None
+        if not add_generation_prompt and any(p.labelled or p.label_ids for p in pieces) \
+                and all(label == IGNORE_INDEX for label in encoded.labels):
+            raise SampleError(TOO_LONG, sample.source, sample.index,
+                              f"no answer token is left within max_text_len={self.max_len} "
+                              f"(the conversation needs {sum(len(p.ids) for p in pieces)} tokens)")
+        return encoded
 
     def pixels(self, sample: Sample, seed: int | None) -> list[torch.Tensor]:
         images = [open_image(image, sample.source, sample.index) for image in sample.images]
@@ -107,6 +144,10 @@ class SampleEncoder:
             return [self.transform(image) for image in images]
 
     def __call__(self, sample: Sample, seed: int | None = None) -> EncodedSample:
+        placed = [m["role"] for m in sample.messages if m["role"] != "user" and IMAGE_MARKER in m["content"]]
+        if placed:
+            raise SampleError(MALFORMED_RECORD, sample.source, sample.index,
+                              f"an {IMAGE_MARKER} marker in a {placed[0]} turn; only user turns may place images")
         encoded = self.encode_text(sample)
         if encoded.num_images != len(sample.images):
             raise SampleError(MALFORMED_RECORD, sample.source, sample.index,
@@ -117,7 +158,9 @@ class SampleEncoder:
 class EncodedDataset:
     """Map-style view for a DataLoader: key ``(dataset_no, index, seed)`` → EncodedSample or Skip.
 
-    With ``on_error = "fail"`` the :class:`SampleError` propagates (the run stops with its message).
+    An unusable sample is always returned as a :class:`Skip` (a DataLoader worker cannot re-raise a
+    :class:`SampleError` intact); :func:`mllmkit.data.loader.load_micro_batches` raises it in the
+    main process when ``on_error = "fail"``.
     """
 
     def __init__(self, datasets: Sequence[Any], encoder: SampleEncoder, on_error: str = "skip") -> None:
@@ -129,21 +172,25 @@ class EncodedDataset:
         try:
             return self.encoder(dataset[index], seed)
         except SampleError as exc:
-            if self.on_error == "fail":
-                raise
             return Skip.from_error(exc)
 
 
 class Collator:
-    """List of EncodedSample/Skip → :class:`Batch` (skips dropped and recorded)."""
+    """List of EncodedSample/Skip → :class:`Batch` (skips dropped and recorded).
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    ``pad_to_multiple``: pad each batch to a multiple of this many tokens (fewer distinct shapes for
+    the GPU's kernels; pads are unlabelled, so the loss is unchanged). ``image_token_id``: count the
+    image placeholders here, on the host.
+    """
+
+    def __init__(self, pad_token_id: int, *, pad_to_multiple: int = 1, image_token_id: int | None = None) -> None:
+        self.pad_token_id, self.pad_to_multiple, self.image_token_id = pad_token_id, pad_to_multiple, image_token_id
 
     def __call__(self, items: Sequence[EncodedSample | Skip]) -> Batch:
         samples = [s for s in items if isinstance(s, EncodedSample)]
         skips = tuple(s for s in items if isinstance(s, Skip))
-        length = max((len(s.input_ids) for s in samples), default=0)
+        longest = max((len(s.input_ids) for s in samples), default=0)
+        length = -(-longest // self.pad_to_multiple) * self.pad_to_multiple
         input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
@@ -154,4 +201,7 @@ class Collator:
             attention_mask[row, :n] = 1
         images = [p for s in samples for p in s.pixels]
         pixels = torch.stack(images) if images else None
-        return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixels=pixels, skips=skips)
+        keys = tuple((s.source, s.index, j) for s in samples for j in range(len(s.pixels)))
+        image_tokens = None if self.image_token_id is None else int((input_ids == self.image_token_id).sum())
+        return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixels=pixels, skips=skips,
+                     image_keys=keys, image_tokens=image_tokens)

@@ -1,8 +1,11 @@
 """Bad data: why a sample was skipped, and the tally of skips reported at the end of a run.
 
 A dataset raises :class:`SampleError` (a :class:`~mllmkit.errors.DataError`) naming the cause, the
-annotation file and the record index. With ``[data] on_error = "skip"`` the sample is dropped and
-counted in a :class:`SkipReport`; with ``"fail"`` the error stops the run with that message.
+annotation file and the record index. The encoder turns it into a :class:`Skip`, which travels
+with its batch (also out of DataLoader worker processes, which cannot re-raise it intact). With
+``[data] on_error = "skip"`` the sample is dropped and counted in a :class:`SkipReport`; with
+``"fail"`` the main process raises the skip's error, so the run stops with the same one-line
+message whether the sample was read in a worker or not.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class SampleError(DataError):
         self.cause, self.source, self.index, self.detail = cause, source, index, detail
         super().__init__(f"{source} record {index}: {detail} ({cause})")
 
+    def __reduce__(self):  # rebuilt from its fields when pickled (e.g. across processes)
+        return type(self), (self.cause, self.source, self.index, self.detail)
+
 
 @attrs.frozen
 class Skip:
@@ -53,6 +59,10 @@ class Skip:
     @classmethod
     def from_error(cls, error: SampleError) -> Skip:
         return cls(error.cause, error.source, error.index, error.detail)
+
+    def error(self) -> SampleError:
+        """The :class:`SampleError` this skip stands for (raised where ``on_error = "fail"``)."""
+        return SampleError(self.cause, self.source, self.index, self.detail)
 
 
 @attrs.define
