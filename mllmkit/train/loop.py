@@ -19,6 +19,7 @@ import torch
 
 from mllmkit.data.collate import Collator, EncodedDataset, SampleEncoder
 from mllmkit.data.errors import Skip, SkipReport
+from mllmkit.data.loader import load_micro_batches, loader_seed
 from mllmkit.data.sampling import epoch_order, group_by_length, rank_micro_batches, steps_per_epoch
 from mllmkit.errors import UserError
 from mllmkit.interfaces import BuildContext
@@ -121,6 +122,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         def save() -> dict[str, Any]:
             trainer_state = {"step": engine.step, "epoch": engine.step // per_epoch,
                              "step_in_epoch": engine.step % per_epoch, "total_steps": total_steps,
+                             "loader_seed": loader_seed(settings.seed, engine.step // per_epoch),
                              "skips": [attrs.asdict(s) for s in skips.seen.values()]}
             state, rngs = engine.state_dict(), backend.all_gather_object(rng_state())
             if backend.is_main:
@@ -136,10 +138,8 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                 order = group_by_length(order, [_length(datasets[d], i) for d, i, _ in order], mb)
             last = min(per_epoch, first + total_steps - engine.step)
             plan = [rank_micro_batches(order, s, mb, accum, world, backend.rank) for s in range(first, last)]
-            loader = torch.utils.data.DataLoader(samples, batch_sampler=[m for step in plan for m in step],
-                                                 collate_fn=Collator(template.pad_token_id),
-                                                 num_workers=data.num_workers)
-            batches = iter(loader)
+            batches = load_micro_batches(samples, [m for step in plan for m in step], Collator(template.pad_token_id),
+                                         data.num_workers, loader_seed(settings.seed, epoch))
             for _ in plan:
                 micro_batches = [next(batches) for _ in range(accum)]
                 skips.add(s for b in micro_batches for s in b.skips)
