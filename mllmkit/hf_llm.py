@@ -29,9 +29,17 @@ def cache_keyword(function) -> str:
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+
+
 def _checkpointed_forward(forward, *args, **kwargs):
+    """One decoder layer, recomputed in backward when autograd records. The KV cache is dropped then,
+    as transformers' own checkpointing does: the recompute would append each layer's keys a second
+    time (a model called with its cache on, ``hf_model(inputs_embeds, attention_mask, labels)``,
+    failed in backward with 2T keys against a T-wide mask)."""
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
+    kwargs.update({name: None for name in (*_CACHE_KWARGS, "use_cache") if name in kwargs})
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
@@ -72,10 +80,37 @@ class HFCausalLM(nn.Module):
 
     def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of a training or scoring forward (no KV cache).
+
+        Without ``attention_mask`` and ``position_ids`` every row attends causally from its first
+        token: exact for right-padded rows (each pad follows every real token, so no real token sees
+        one). Where the attention kernel reads a missing mask as causal, the decoder layers then run
+        with no mask at all: SDPA takes its flash kernel (``is_causal``), and transformers' mask
+        building, which reads GPU values on the host, is skipped. Left-padded rows need their mask,
+        packed rows their ``position_ids``; both take transformers' own path.
+        """
         self._check_length(inputs_embeds.shape[1])
+        if attention_mask is None and position_ids is None and self._causal_without_mask():
+            return self._causal_hidden(inputs_embeds)
         out = self.hf_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
+
+    def _causal_without_mask(self) -> bool:
+        """Whether a decoder layer given no mask attends causally: SDPA (``is_causal``) and flash
+        kernels do, eager attention does not; sliding-window layers need their mask."""
+        config = self.hf_model.config
+        kernel = config._attn_implementation or ""
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        return (kernel == "sdpa" or kernel.startswith("flash_attention")) and layer_types == {"full_attention"}
+
+    def _causal_hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        rotary = self.rotary(inputs_embeds, positions)
+        hidden = inputs_embeds
+        for layer in self.layers()[:self.hf_model.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+        return self.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmkit.errors import UserError
+from mllmkit.precision import part_autocast
 from mllmkit.template import IGNORE_INDEX
 
-__all__ = ["MLLM", "LossOutput", "ImageTokenMismatch", "labelled_rows", "loss_at_rows"]
+__all__ = ["MLLM", "LossOutput", "ImageTokenMismatch", "labelled_rows", "loss_at_rows", "set_trainable"]
 
 
 class ImageTokenMismatch(UserError):
@@ -38,10 +39,11 @@ class LossOutput:
 
 
 class MLLM(nn.Module):
-    """A multimodal LLM composed of parts; ``trainable`` says which parts train (others frozen, eval)."""
+    """A multimodal LLM composed of parts; ``trainable`` says which parts train (others frozen, eval),
+    ``precision`` what the vision encoder and each bridge compute in (``"fp32"`` when not given)."""
 
     def __init__(self, vision: nn.Module, bridges: Sequence[nn.Module], llm: nn.Module,
-                 trainable: dict[str, bool] | None = None) -> None:
+                 trainable: dict[str, bool] | None = None, precision: dict[str, str] | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.bridges = nn.ModuleList(bridges)
@@ -50,6 +52,7 @@ class MLLM(nn.Module):
         self.trainable_parts: dict[str, bool] = {"vision": False, "llm": False,
                                                  **{f"bridges.{i}": True for i in range(len(self.bridges))},
                                                  **(trainable or {})}
+        self.part_precision: dict[str, str] = dict(precision or {})
         self.apply_freeze_policy()
 
     def _tokens_per_image(self) -> int:
@@ -66,10 +69,9 @@ class MLLM(nn.Module):
         yield "llm", self.llm
 
     def apply_freeze_policy(self) -> None:
+        """Parts train or not as ``trainable_parts`` says (the recipe's ``trainable``); plugins never freeze."""
         for name, part in self.parts():
-            trainable = self.trainable_parts.get(name, False)
-            for param in part.parameters():
-                param.requires_grad_(trainable and param.is_floating_point())
+            set_trainable(part, self.trainable_parts.get(name, False))
         self.train(self.training)
 
     def train(self, mode: bool = True) -> MLLM:
@@ -86,15 +88,23 @@ class MLLM(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     # -- images to tokens --
+    def run_part(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        """The vision encoder (``"vision"``) or a bridge (``"bridges.N"``) applied in its declared
+        precision, whatever autocast surrounds the call (training's, or none in chat): inputs in fp32
+        on the part's device, autocast to its precision (off for fp32; fp16 on CPU runs in fp32)."""
+        part = self.get_submodule(name)
+        param = next(part.parameters(), None)
+        device = param.device if param is not None else inputs.device
+        with part_autocast(self.part_precision.get(name, "fp32"), device):
+            return part(inputs.to(device=device, dtype=torch.float32))
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[n, 3, H, W]`` → ``[n, tokens_per_image, llm hidden]`` in the LLM's embedding dtype."""
-        vision_param = next(self.vision.parameters(), None)
-        if vision_param is not None:
-            pixels = pixels.to(device=vision_param.device, dtype=vision_param.dtype)
+        """``[n, 3, H, W]`` → ``[n, tokens_per_image, llm hidden]``, each part in its precision
+        (:meth:`run_part`); :meth:`embed` casts the rows to the LLM's embedding dtype."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_parts.get("vision", False)):
-            feats = self.vision(pixels)
-        for bridge in self.bridges:
-            feats = bridge(feats)
+            feats = self.run_part("vision", pixels)
+        for i in range(len(self.bridges)):
+            feats = self.run_part(f"bridges.{i}", feats)
         return feats
 
     def frozen_prefix(self) -> int:
@@ -115,23 +125,22 @@ class MLLM(nn.Module):
         prefix = self.frozen_prefix()
         if prefix < 0:
             raise ValueError("image_features needs a frozen vision encoder (its output would change in training)")
-        vision_param = next(self.vision.parameters(), None)
-        if vision_param is not None:
-            pixels = pixels.to(device=vision_param.device, dtype=vision_param.dtype)
-        feats = self.vision(pixels)
-        for bridge in self.bridges[:prefix]:
-            feats = bridge(feats)
+        feats = self.run_part("vision", pixels)
+        for i in range(prefix):
+            feats = self.run_part(f"bridges.{i}", feats)
         return feats
 
     def features_to_embeds(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the bridges after the frozen prefix to :meth:`image_features` output."""
-        for bridge in self.bridges[max(self.frozen_prefix(), 0):]:
-            features = bridge(features)
+        for i in range(max(self.frozen_prefix(), 0), len(self.bridges)):
+            features = self.run_part(f"bridges.{i}", features)
         return features
 
-    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
-        """Raise :class:`ImageTokenMismatch` unless ``input_ids`` holds ``n_images`` images' placeholders."""
-        count = int((input_ids == self.llm.template.image_token_id).sum())
+    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int, count: int | None = None) -> None:
+        """Raise :class:`ImageTokenMismatch` unless ``input_ids`` holds ``n_images`` images' placeholders
+        (``count``: the placeholders counted by the caller on host ids)."""
+        if count is None:
+            count = int((input_ids == self.llm.template.image_token_id).sum())
         if count != n_images * self.tokens_per_image:
             raise ImageTokenMismatch(
                 f"the batch has {count} image placeholder tokens but {n_images} image(s) × "
@@ -157,18 +166,41 @@ class MLLM(nn.Module):
         return embeds.masked_scatter(placeholder.unsqueeze(-1), rows)
 
     # -- loss --
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> LossOutput:
-        embeds = self.embed(input_ids, pixels=pixels, image_embeds=image_embeds)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
+                image_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+                image_features: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, image_tokens: int | None = None) -> LossOutput:
+        """Summed loss over labelled tokens. ``attention_mask=None`` is right for right-padded rows
+        (see ``HFCausalLM.hidden``). What a host computes before the batch reaches the device, so
+        that the step waits on no GPU value: ``rows``/``targets`` (:func:`labelled_rows` of host
+        labels; then ``labels`` may be left out), ``image_tokens`` (the host count of placeholders),
+        ``image_features`` (cached :meth:`image_features` output, instead of pixels)."""
+        if image_features is not None:
+            image_embeds = self.features_to_embeds(image_features)
+        checked = image_tokens is not None
+        if checked:
+            n_images = image_embeds.shape[0] if image_embeds is not None else 0 if pixels is None else pixels.shape[0]
+            self.check_image_tokens(input_ids, n_images, count=image_tokens)
+        embeds = self.embed(input_ids, pixels=pixels, image_embeds=image_embeds, checked=checked)
         hidden = self.llm.hidden(embeds, attention_mask=attention_mask, position_ids=position_ids)
-        return self.loss_from_hidden(hidden, labels)
+        return self.loss_from_hidden(hidden, labels, rows=rows, targets=targets)
 
-    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        """Shifted cross-entropy, the head applied only where the next token is labelled."""
-        rows, targets = labelled_rows(labels)
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor | None,
+                         rows: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> LossOutput:
+        """Shifted cross-entropy, the head applied only where the next token is labelled (``rows``,
+        ``targets`` of :func:`labelled_rows`, computed here from ``labels`` unless given)."""
+        if rows is None or targets is None:
+            rows, targets = labelled_rows(labels)
         return LossOutput(loss_sum=loss_at_rows(hidden, rows, targets, self.llm.logits),
-                          num_tokens=torch.full((), rows.numel(), device=labels.device))
+                          num_tokens=torch.full((), rows.numel(), device=hidden.device))
+
+
+def set_trainable(part: nn.Module, trainable: bool) -> None:
+    """Freeze a part (no gradients, eval mode) or let it train: the core's, from the recipe."""
+    for param in part.parameters():
+        param.requires_grad_(trainable and param.is_floating_point())
+    part.train(trainable)
 
 
 def labelled_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
