@@ -107,7 +107,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     import importlib
 
     found = []
-    for module_name in ("mllmkit.chat.commands", "mllmkit.convert", "mllmkit.scaffold"):
+    for module_name in ("mllmkit.chat.commands", "mllmkit.convert", "mllmkit.scaffold", "mllmkit.serve.command"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
