@@ -30,7 +30,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-for extra in (ROOT, *(ROOT / "plugins" / p for p in ("vision_eva", "bridge_qformer", "llm_qwen", "parallel_deepspeed"))):
+for extra in (ROOT, *(ROOT / "plugins" / p for p in ("vision_eva", "bridge_qformer", "llm_qwen", "parallel_pipeline"))):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,7 +42,7 @@ for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": 
 def register_plugins() -> None:
     import mllmkit_bridge_qformer.hooks as qformer
     import mllmkit_llm_qwen.hooks as qwen
-    import mllmkit_parallel_deepspeed.hooks as deepspeed_hooks
+    import mllmkit_parallel_pipeline.hooks as pipeline_hooks
     import mllmkit_vision_eva.hooks as eva
 
     import mllmkit.builtin.hooks as builtin
@@ -50,7 +50,7 @@ def register_plugins() -> None:
 
     reset_plugin_host(build_plugin_host(entry_points=[], extra_plugins=[
         ("builtin", builtin), ("vision_eva", eva), ("bridge_qformer", qformer), ("llm_qwen", qwen),
-        ("parallel_deepspeed", deepspeed_hooks)]))
+        ("parallel_pipeline", pipeline_hooks)]))
 
 
 def recipe_dict(tiny: bool, stages: int, parallel: str, micro: int, accum: int, checkpointing: bool) -> dict:
@@ -60,7 +60,7 @@ def recipe_dict(tiny: bool, stages: int, parallel: str, micro: int, accum: int, 
             "vision": {"type": "eva_tiny" if tiny else "eva_vit_g", "precision": "fp32" if tiny else "fp16"},
             "bridges": [{"type": "qformer_tiny" if tiny else "qformer"}, {"type": "linear"}],
             "llm": {"type": "qwen", "preset": "qwen_tiny" if tiny else "qwen14b_chat",
-                    "dtype": "fp32" if tiny else "bf16"},
+                    "precision": "fp32" if tiny else "bf16"},
         },
         "train": {"micro_batch_size": micro, "grad_accum": accum, "max_text_len": 224,
                   "precision": "fp32" if tiny else "bf16", "device": device, "lr": 1e-4, "warmup_steps": 1,
@@ -133,21 +133,19 @@ def run_worker(mode: str, tiny: bool, steps: int, shape: str, checkpointing: boo
     result: dict = {"mode": mode, "shape": shape, "checkpointing": checkpointing}
     t0 = time.perf_counter()
     if mode == "pipeline":
-        from mllmkit_parallel_deepspeed.specs import _build_pipeline
+        from mllmkit.train.loop import build_backend
 
-        from mllmkit.interfaces import BuildContext
-
-        backend = _build_pipeline(recipe.parallel.config, BuildContext(key="parallel", recipe=recipe))
+        backend = build_backend(recipe)
         backend.setup()
         torch.manual_seed(settings.seed)
         model = backend.assemble(recipe)
         engine = backend.prepare(model, functools.partial(build_adamw, train=settings),
                                  make_lr_schedule(settings, 100), settings)
-        result["plan"] = {"parts": engine.plan.parts, "decoders_per_stage": engine.plan.stage_decoder_layers(),
-                          "params_per_stage": engine.plan.stage_params(),
-                          "flops_share": [f / sum(engine.plan.stage_flops()) for f in engine.plan.stage_flops()]}
+        result["plan"] = {"parts": engine.runner.plan.parts, "decoders_per_stage": engine.runner.plan.stage_decoder_layers(),
+                          "params_per_stage": engine.runner.plan.stage_params(),
+                          "flops_share": [f / sum(engine.runner.plan.stage_flops()) for f in engine.runner.plan.stage_flops()]}
     else:
-        from mllmkit_parallel_deepspeed.pipe_layers import (
+        from mllmkit_parallel_pipeline.pipe_layers import (
             materialize_layers,
             pipeline_layers,
         )

@@ -9,7 +9,7 @@ without reading weights through ``ComponentSpec.dims`` (see :class:`PartDims`).
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -20,7 +20,7 @@ from mllmkit.template import ChatTemplate, Message
 
 __all__ = [
     "BuildContext", "PartDims", "Sample", "VisionEncoder", "Bridge", "Tokenizer", "LLM", "Dataset",
-    "Engine", "ParallelBackend",
+    "Runner", "ParallelBackend",
 ]
 
 
@@ -31,7 +31,10 @@ class BuildContext:
     ``key`` is the recipe key path of the component (for error messages), ``recipe_dir`` the folder
     relative paths resolve against. For bridges, ``in_dim``/``in_tokens`` are the previous part's
     output and ``llm_hidden`` the LLM's width. ``model`` is the assembled MLLM when datasets or
-    backends are built.
+    backends are built. For model parts, ``dtype`` is what a builder that reads weights should read
+    them into (the recipe's ``precision``, fp32 where the part trains or runs on CPU; LLMs: every
+    weight, vision encoders and bridges: Linear/Conv weights, the rest fp32) and ``device`` where the
+    model will run; the core casts and freezes the built part itself (``None``: not known).
     """
 
     key: str
@@ -39,6 +42,8 @@ class BuildContext:
     in_dim: int | None = None
     in_tokens: int | None = None
     llm_hidden: int | None = None
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
     model: Any = None
     recipe: Any = None
 
@@ -72,7 +77,11 @@ class Sample:
 
 @runtime_checkable
 class VisionEncoder(Protocol):
-    """Images to feature tokens: ``forward(pixels [B,3,H,W]) -> [B, num_tokens, out_dim]``."""
+    """Images to feature tokens: ``forward(pixels [B,3,H,W]) -> [B, num_tokens, out_dim]``.
+
+    ``gradient_checkpointing(enabled)`` recomputes the blocks in backward; the core calls it when the
+    recipe sets ``gradient_checkpointing = true`` (an encoder without it refuses that setting).
+    """
 
     out_dim: int
     num_tokens: int
@@ -81,6 +90,7 @@ class VisionEncoder(Protocol):
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
     def image_transform(self, train: bool) -> Callable[[Any], torch.Tensor]: ...
     def blocks(self) -> Sequence[nn.Module]: ...
+    def gradient_checkpointing(self, enabled: bool) -> None: ...
 
 
 @runtime_checkable
@@ -111,6 +121,8 @@ class LLM(Protocol):
     runs the decoder stack and final norm; ``logits(hidden)`` applies the head, so the loss can be
     computed at labelled positions only. ``hf_model`` is the underlying transformers model (for
     generation and pipeline partitioning through ``layers()``, ``norm``, ``head``).
+    ``gradient_checkpointing(enabled)`` recomputes the decoder layers in backward (the core calls it
+    from the recipe's ``gradient_checkpointing``).
     """
 
     hidden_size: int
@@ -121,6 +133,7 @@ class LLM(Protocol):
     def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor: ...
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def gradient_checkpointing(self, enabled: bool) -> None: ...
 
 
 class Dataset(Protocol):
@@ -138,54 +151,60 @@ class Dataset(Protocol):
     def __getitem__(self, index: int) -> Sample: ...
 
 
-class Engine(Protocol):
-    """A model prepared by a backend: one optimizer step per :meth:`train_step`, checkpointable.
+class Runner(Protocol):
+    """What a backend supplies to the core's optimizer step (:class:`mllmkit.train.engine.Engine`).
 
-    ``train_step(micro_batches)`` takes this rank's ``grad_accum`` micro-batches
-    (:class:`mllmkit.data.collate.Batch`), sets the learning rate ``lr_schedule(step)``, runs forward
-    and backward, clips, steps the optimizer and returns ``{"loss", "lr", "grad_norm", "tokens",
-    "samples"}`` — the true loss of the step over all ranks and the global counts. ``eval_loss(batch)``
-    gives this rank's ``(loss sum, labelled tokens)``. ``state_dict()`` returns, on the main rank at
-    least, ``{"model": {MLLM parameter name: full tensor}, "optimizer": {"state": {name: ...},
-    "param_groups": [...]}, "step": int}``; ``load_state_dict`` accepts that from any backend.
-    ``model`` is the unwrapped MLLM (used for generation), ``device`` where batches go.
+    ``forward_backward(window, autocast)`` runs forward (under ``autocast()``) and backward over
+    ``window.micro_batches``, backpropagating ``window.share(loss_sum, tokens)`` of each micro-batch
+    (a pipeline schedule calls ``share`` in its loss function on the last stage);
+    ``loss_multiplier(n)`` is the factor the backend's gradient averaging divides by (data-parallel
+    ranks; times ``n`` where it also divides by the accumulation steps). ``apply(clip, scaler)``
+    unscales (fp16), clips the global gradient norm to ``clip`` (0 = off), steps and zeroes the
+    gradients, returning the norm before clipping. ``eval_forward(batch)`` gives ``(loss sum, tokens)``.
+    ``gather_state(step)`` returns ``{"model": {name: full tensor on CPU}, "optimizer": {"state": {name:
+    {...}}, "param_groups": [...]}}`` (a collective under sharding); ``load_state(state)`` takes that
+    from any backend. ``optimizer`` holds the groups whose ``lr`` the core sets every step;
+    ``uses_grad_scaler`` says whether fp16 loss scaling goes through torch's GradScaler.
     """
 
-    model: nn.Module
-    device: torch.device
-    step: int
+    optimizer: Any
+    uses_grad_scaler: bool
 
-    def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]: ...
-    def eval_loss(self, batch: Any) -> tuple[float, int]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def loss_multiplier(self, micro_batches: int) -> float: ...
+    def forward_backward(self, window: Any, autocast: Callable[[], Any]) -> None: ...
+    def apply(self, clip: float, scaler: Any) -> float: ...
+    def eval_forward(self, batch: Any) -> tuple[torch.Tensor | float, torch.Tensor | int]: ...
+    def gather_state(self, step: int) -> dict[str, Any]: ...
+    def load_state(self, state: dict[str, Any]) -> None: ...
 
 
 class ParallelBackend(Protocol):
-    """How training is spread: ``single``, ``ddp``, ``zero``, ``pipeline``.
+    """How training is spread: ``single``, ``ddp``, ``zero``, ``pipeline`` (build on
+    :class:`mllmkit.train.dist.BackendBase`, which holds the collectives and the defaults).
 
-    ``setup()`` joins the process group (torchrun's environment) and picks the device;
-    ``prepare(model, optimizer_factory, lr_schedule, train)`` moves/wraps the model and returns an
-    :class:`Engine`; ``optimizer_factory(named_trainable_params)`` builds AdamW with the recipe's
-    parameter groups, ``lr_schedule(step)`` gives the learning rate of an optimizer step, ``train``
-    is the recipe's ``[train]`` section. ``all_reduce`` sums a CPU tensor over ranks;
-    ``all_gather_object`` collects a picklable object from every rank; only ``is_main`` writes files.
+    Declared before anything starts: ``processes_needed()`` (the fewest processes of a job, e.g. one
+    per pipeline stage; ``mllmkit run`` starts that many itself) and ``assemble(recipe)`` (how the
+    model is built; default :func:`mllmkit.assemble.assemble`). ``setup()`` joins the process group
+    (the launcher's environment) and picks the device; ``prepare(model, optimizer_factory, lr_schedule,
+    train)`` moves or wraps the model and returns a :class:`mllmkit.train.engine.Engine` around its
+    :class:`Runner` (``optimizer_factory(named_trainable_params)`` builds AdamW with the recipe's
+    parameter groups). ``rank``/``world_size`` are the data-parallel view the loop splits data by,
+    ``batch_replicas`` how many processes see each batch; ``all_reduce`` sums a CPU tensor over all
+    processes; ``all_gather_object`` collects a picklable object from each; only ``is_main`` writes.
     """
 
     rank: int
     world_size: int
+    batch_replicas: int
     is_main: bool
     device: torch.device
 
+    def processes_needed(self) -> int: ...
+    def assemble(self, recipe: Any) -> nn.Module: ...
     def setup(self) -> None: ...
     def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any],
-                lr_schedule: Callable[[int], float], train: Any) -> Engine: ...
+                lr_schedule: Callable[[int], float], train: Any) -> Any: ...
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def all_gather_object(self, obj: Any) -> list[Any]: ...
     def barrier(self) -> None: ...
     def shutdown(self) -> None: ...
-
-
-def iter_named_trainable(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters that require grad, with names."""
-    return ((n, p) for n, p in module.named_parameters() if p.requires_grad)

@@ -3,8 +3,9 @@
 Nothing is loaded at import time. ``get_plugin_host()`` loads every entry point (the core's own
 built-ins included, registered the same way as third-party plugins), honours ``MLLMKIT_PLUGINS``
 (comma-separated entry-point names to load, nothing else) and ``MLLMKIT_TRACE_PLUGINS=1`` (print
-every hook call), reports plugins that fail to import without stopping the others, and collects
-every registered component into a :class:`~mllmkit.registry.Registry`.
+every hook call), reports plugins that fail to import without stopping the others, stops start-up
+naming the plugin when it implements a hook the contract does not define (pluggy's
+``check_pending``), and collects every registered component into a :class:`~mllmkit.registry.Registry`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import attrs
 import pluggy
 
 from mllmkit import hookspecs
+from mllmkit.errors import UserError
 from mllmkit.registry import Registry
 
-__all__ = ["PluginInfo", "BrokenPlugin", "PluginHost", "get_plugin_host", "reset_plugin_host", "ENTRY_POINT_GROUP"]
+__all__ = ["PluginInfo", "BrokenPlugin", "PluginHost", "UnknownHookError", "get_plugin_host", "reset_plugin_host",
+           "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "mllmkit"
 
@@ -104,6 +107,7 @@ def build_plugin_host(entry_points: Iterable[metadata.EntryPoint] | None = None,
         except Exception as exc:
             broken.append(BrokenPlugin(name, dist, _one_line(exc)))
             continue
+        _check_hook_names(manager, module, dist)
         plugins.append(PluginInfo(name, dist, version))
 
     loaded = [manager.get_plugin(info.name) for info in plugins]
@@ -120,6 +124,21 @@ def build_plugin_host(entry_points: Iterable[metadata.EntryPoint] | None = None,
                 for spec in specs or []:
                     registry.add(kind, spec, distribution=info.distribution)
     return PluginHost(manager=manager, registry=registry, plugins=plugins, broken=broken)
+
+
+class UnknownHookError(UserError):
+    """A plugin implements a hook the contract does not define (most often a misspelled name)."""
+
+
+def _check_hook_names(manager: pluggy.PluginManager, module: object, distribution: str) -> None:
+    """pluggy's ``check_pending`` for one plugin: every hook implementation must match a hookspec."""
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        manager.unregister(module)
+        known = ", ".join(sorted(n for n in vars(hookspecs) if n.startswith("mllmkit_")))
+        raise UnknownHookError(f"plugin {distribution!r}: {exc.args[0].split(' in plugin ')[0]} is not a hook of "
+                               f"mllmkit (misspelled?). The hooks are: {known}") from None
 
 
 def get_plugin_host() -> PluginHost:

@@ -177,3 +177,21 @@ def test_every_registration_hook_fills_its_kind():
         "vision": ["v"], "bridge": ["b"], "llm": ["l"], "dataset": ["d"], "parallel": ["p"]}
     spec = host.registry.get("dataset", "d")
     assert spec.distribution == "every" and spec.build(spec.config(size=5), None) == ("d", 5)
+
+
+class _MisspelledHook:
+    @mllmkit.hookimpl
+    def mllmkit_register_bridge(self):  # the hook is mllmkit_register_bridges
+        return []
+
+
+def test_misspelled_hook_stops_start_up_naming_the_plugin():
+    from mllmkit.plugins import UnknownHookError
+
+    with pytest.raises(UnknownHookError) as info:
+        build_plugin_host(entry_points=[_entry_point("builtin", "mllmkit.builtin.hooks")],
+                          extra_plugins=[("mllmkit-typo", _MisspelledHook())])
+    message = str(info.value)
+    assert message.startswith("plugin 'mllmkit-typo': unknown hook 'mllmkit_register_bridge' is not a hook of "
+                              "mllmkit (misspelled?). The hooks are: ")
+    assert "mllmkit_register_bridges" in message

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from mllmkit.train.launch import free_port
+from mllmkit.train.dist import free_port
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -103,7 +103,7 @@ def test_a_dead_rank_stops_the_others(plugin_host, tmp_path):
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
-    from mllmkit.builtin.backends import pick_device
+    from mllmkit.train.dist import pick_device
     from mllmkit.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -15,7 +15,6 @@ from mllmkit.builtin.backends import SingleBackend
 from mllmkit.builtin.demo_shapes import DemoShapes
 from mllmkit.data import Collator, SampleEncoder
 from mllmkit.recipe import load_recipe
-from mllmkit.train.engine import TorchEngine
 from mllmkit.train.optim import build_adamw
 
 
@@ -31,8 +30,8 @@ def _setup(toy_recipe, reduction: str):
     samples = [encoder(data[i]) for i in range(4)]
     backend = SingleBackend("cpu")
     backend.setup()
-    engine = TorchEngine(model, backend, functools.partial(build_adamw, train=loaded.train), lambda step: 1e-2,
-                         loaded.train)
+    engine = backend.prepare(model, functools.partial(build_adamw, train=loaded.train), lambda step: 1e-2,
+                             loaded.train)
     return engine, samples, Collator(model.llm.template.pad_token_id)
 
 
@@ -43,12 +42,12 @@ def test_accumulating_4x1_equals_one_batch_of_4(plugin_host, toy_recipe, reducti
     assert len({len(s.input_ids) for s in samples}) > 1  # lengths differ, so the reductions differ
     grads = {}
     for name, engine in (("big", big), ("small", small)):  # record the gradients the optimizer steps with
-        step = engine.optimizer.step
+        step = engine.runner.optimizer.step
 
         def recording_step(*args, _name=name, _engine=engine, _step=step, **kwargs):
             grads[_name] = [p.grad.detach().clone() for p in _engine.model.trainable_parameters()]
             return _step(*args, **kwargs)
-        engine.optimizer.step = recording_step
+        engine.runner.optimizer.step = recording_step
     out_big = big.train_step([collate(samples)])
     out_small = small.train_step([collate([s]) for s in samples])
     diffs = [float((a - b).abs().max()) for a, b in zip(grads["big"], grads["small"])]

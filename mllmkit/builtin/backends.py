@@ -1,15 +1,17 @@
-"""Built-in parallel backends: ``single`` (one process) and ``ddp`` (torch DistributedDataParallel).
+"""Built-in torch backends: ``single`` (one process) and ``ddp`` (torch DistributedDataParallel).
 
-``ddp`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``), uses gloo on CPU and nccl on CUDA, and wraps the model so that only trainable
-parameters are synchronised: frozen weights are never bucketed nor broadcast (every rank builds them
-identically from the run's seed or the same files). A collective that waits longer than
-``timeout_s`` (a rank died) raises instead of hanging; torchrun then stops the other ranks.
-Without torchrun's environment ``ddp`` runs as one process.
+Both step through the core's :class:`mllmkit.train.engine.Engine` with a :class:`TorchRunner`: a
+plain forward/backward per micro-batch (under DDP the gradient sync only on the last one), then
+fp16 unscaling, clipping and AdamW. ``ddp`` reads torchrun's environment, uses gloo on CPU and nccl
+on CUDA, and wraps the model so that only trainable parameters are synchronised: frozen weights are
+never bucketed nor broadcast (every rank builds them identically from the run's seed or the same
+files). A collective that waits longer than ``timeout_s`` (a rank died) raises instead of hanging;
+torchrun then stops the other ranks. Without torchrun's environment ``ddp`` runs as one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -20,25 +22,13 @@ import torch
 from torch import nn
 
 from mllmkit.config import config, positive
+from mllmkit.data.collate import Batch
 from mllmkit.errors import UserError
-from mllmkit.interfaces import BuildContext
 from mllmkit.registry import ComponentSpec
-from mllmkit.train.engine import TorchEngine
+from mllmkit.train.dist import BackendBase, device_preference, pick_device
+from mllmkit.train.engine import Engine, load_named_optimizer_state, named_optimizer_state
 
-__all__ = ["SPECS", "DDPBackend", "DDPConfig", "SingleBackend", "SingleConfig", "pick_device"]
-
-
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the local CUDA device when there is one, else the CPU."""
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("train.device = 'cuda' but no CUDA device is available; set train.device = 'auto'")
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"this process is number {local_rank} on its node but only {torch.cuda.device_count()} "
-                            f"GPU(s) are visible; launch at most one process per GPU (--nproc-per-node)")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+__all__ = ["SPECS", "DDPBackend", "DDPConfig", "SingleBackend", "SingleConfig", "TorchRunner"]
 
 
 @config
@@ -58,32 +48,75 @@ class DDPConfig:
     """Set when some trainable parameters get no gradient in a step."""
 
 
-class _Base:
-    rank, world_size, local_rank = 0, 1, 0
+class _LossModule(nn.Module):
+    """What DDP wraps: the MLLM's loss as a plain tuple (DDP inspects outputs as tensors)."""
 
-    def __init__(self, device_preference: str = "auto") -> None:
-        self.device_preference = device_preference
-        self.device = torch.device("cpu")
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (a new tensor on the CPU)."""
-        return tensor.clone()
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
+    def forward(self, **inputs):
+        out = self.model(**inputs)
+        return out.loss_sum, out.num_tokens
 
 
-class SingleBackend(_Base):
+class TorchRunner:
+    """Forward/backward and AdamW on one device, optionally through DDP (``wrap``)."""
+
+    uses_grad_scaler = True
+
+    def __init__(self, model: nn.Module, device: torch.device, world_size: int, optimizer_factory: Callable[..., Any],
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        self.model = model
+        self.device = device
+        self.world_size = world_size
+        self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = optimizer_factory(self.named_trainable)
+        module = _LossModule(model)
+        self.module = wrap(module) if wrap is not None else module
+
+    def loss_multiplier(self, micro_batches: int) -> float:
+        return float(self.world_size)  # DDP averages gradients over ranks
+
+    def forward_backward(self, window, autocast) -> None:
+        last = len(window.micro_batches) - 1
+        for i, batch in enumerate(window.micro_batches):
+            no_sync = getattr(self.module, "no_sync", None)
+            with no_sync() if no_sync is not None and i < last else contextlib.nullcontext():
+                if batch.size == 0:  # every sample skipped: still take part in the gradient sync
+                    share = sum(p.sum() * 0.0 for _, p in self.named_trainable)
+                else:
+                    with autocast():
+                        total, tokens = self.module(**batch.model_inputs(self.device))
+                    share = window.share(total, tokens)
+                share.backward()
+
+    def apply(self, clip: float, scaler) -> float:
+        scaler.unscale_(self.optimizer)
+        params = [p for _, p in self.named_trainable]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def eval_forward(self, batch: Batch):
+        out = self.model(**batch.model_inputs(self.device))
+        return out.loss_sum, out.num_tokens
+
+    def gather_state(self, step: int) -> dict[str, Any]:
+        return {"model": {n: p.detach().cpu().clone() for n, p in self.named_trainable},
+                "optimizer": named_optimizer_state(self.optimizer)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        params = dict(self.named_trainable)
+        with torch.no_grad():
+            for name, tensor in state["model"].items():
+                params[name].copy_(tensor)
+        load_named_optimizer_state(self.optimizer, state["optimizer"])
+
+
+class SingleBackend(BackendBase):
     """One process on one device."""
 
     name = "single"
@@ -96,12 +129,12 @@ class SingleBackend(_Base):
         self.device = pick_device(self.device_preference)
 
     def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any], lr_schedule: Callable[[int], float],
-                train) -> TorchEngine:
+                train) -> Engine:
         model.to(self.device)
-        return TorchEngine(model, self, optimizer_factory, lr_schedule, train)
+        return Engine(model, self, TorchRunner(model, self.device, 1, optimizer_factory), lr_schedule, train)
 
 
-class DDPBackend(_Base):
+class DDPBackend(BackendBase):
     """torch DistributedDataParallel over the trainable parameters."""
 
     name = "ddp"
@@ -109,14 +142,11 @@ class DDPBackend(_Base):
     def __init__(self, cfg: DDPConfig, device_preference: str = "auto") -> None:
         super().__init__(device_preference)
         self.cfg = cfg
-        self._group = False
 
     def setup(self) -> None:
         import torch.distributed as dist
 
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._read_launch()
         self.device = pick_device(self.device_preference, self.local_rank)
         if self.world_size == 1:
             return
@@ -126,10 +156,11 @@ class DDPBackend(_Base):
         self._group = True
 
     def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any], lr_schedule: Callable[[int], float],
-                train) -> TorchEngine:
+                train) -> Engine:
         model.to(self.device)
-        return TorchEngine(model, self, optimizer_factory, lr_schedule, train,
-                           wrap=self._wrap if self.world_size > 1 else None)
+        runner = TorchRunner(model, self.device, self.world_size, optimizer_factory,
+                             wrap=self._wrap if self.world_size > 1 else None)
+        return Engine(model, self, runner, lr_schedule, train)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -141,46 +172,10 @@ class DDPBackend(_Base):
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=self.cfg.find_unused_parameters)
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self._group:
-            return tensor.clone()
-        import torch.distributed as dist
-
-        # the CPU tensor travels over gloo, or via the device over nccl
-        work = tensor.detach().clone().to(self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(work)
-        return work.cpu()
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        if not self._group:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self._group:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def shutdown(self) -> None:
-        if self._group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self._group = False
-
-
-def _device(ctx: BuildContext) -> str:
-    return ctx.recipe.train.device if ctx.recipe is not None else "auto"
-
 
 SPECS = [
-    ComponentSpec("single", SingleConfig, lambda cfg, ctx: SingleBackend(_device(ctx)),
+    ComponentSpec("single", SingleConfig, lambda cfg, ctx: SingleBackend(device_preference(ctx)),
                   "one process on one device"),
-    ComponentSpec("ddp", DDPConfig, lambda cfg, ctx: DDPBackend(cfg, _device(ctx)),
+    ComponentSpec("ddp", DDPConfig, lambda cfg, ctx: DDPBackend(cfg, device_preference(ctx)),
                   "torch DistributedDataParallel (torchrun; gloo on CPU, nccl on CUDA)"),
 ]

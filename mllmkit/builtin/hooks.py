@@ -1,7 +1,9 @@
-"""The core's own plugin: built-in bridges, datasets and parallel backends, registered like any other."""
+"""The core's own plugin: built-in bridges, datasets and parallel backends (``single``, ``ddp``, ``zero``),
+registered like any other."""
 
 from __future__ import annotations
 
+from mllmkit.export.spec import ExportSpec
 from mllmkit.hookspecs import hookimpl
 from mllmkit.registry import ComponentSpec
 
@@ -22,6 +24,13 @@ def mllmkit_register_datasets() -> list[ComponentSpec]:
 
 @hookimpl
 def mllmkit_register_parallel_backends() -> list[ComponentSpec]:
-    from mllmkit.builtin.backends import SPECS
+    from mllmkit.builtin import backends, zero
+
+    return [*backends.SPECS, *zero.SPECS]
+
+
+@hookimpl
+def mllmkit_register_exporters() -> list[ExportSpec]:
+    from mllmkit.builtin.export import SPECS
 
     return SPECS

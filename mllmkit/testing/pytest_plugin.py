@@ -6,6 +6,9 @@
   not depend on which other plugins are installed).
 - ``toy_recipe``: a recipe dict assembling ``toy_vision → linear → toy_llm``; copy and edit it.
 - ``tiny_image``: a path to a small RGB PNG.
+- ``tiny_recipe``: a file of :data:`mllmkit.testing.launch.TINY_RECIPE` (EVA → Q-Former → Linear →
+  Qwen at toy size, 3 steps, ``single``); ``single_losses``: its losses under ``single`` with
+  ``grad_accum`` 2 and 4 (the references of the distributed backends' equivalence tests).
 """
 
 from __future__ import annotations
@@ -56,3 +59,24 @@ def tiny_image(tmp_path):
     path = tmp_path / "tiny.png"
     Image.new("RGB", (20, 20), (200, 30, 30)).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tmp_path_factory):
+    from mllmkit.testing.launch import TINY_RECIPE
+
+    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def single_losses(tmp_path_factory, tiny_recipe) -> dict[int, list[float]]:
+    from mllmkit.recipe import load_recipe
+    from mllmkit.train.loop import train
+
+    out = {}
+    for accum in (2, 4):
+        run = tmp_path_factory.mktemp(f"single{accum}")
+        out[accum] = train(load_recipe(tiny_recipe, [f"train.grad_accum={accum}"]), run).losses
+    return out

@@ -1,13 +1,17 @@
-"""The torch engine shared by the ``single`` and ``ddp`` backends: one optimizer step per call.
+"""Where a training step happens: :class:`Engine.train_step`, written once for every backend.
 
-``train_step`` runs the window's micro-batches (forward under autocast, backward, gradient sync only
-on the last one under DDP), unscales fp16 gradients before clipping, steps AdamW at the schedule's
-learning rate and returns the step's true loss. With ``loss_reduction = "token"`` each micro-batch's
-summed token loss is divided by the labelled tokens of the whole window on every rank, so the update
-equals one big batch; ``"sample"`` reproduces the seed (mean per micro-batch, averaged).
+The core owns the optimizer step: the learning rate of the step (``lr_schedule(step)`` times each
+group's ``lr_scale``), the labelled-token / sample counts of the whole step over all ranks, how each
+micro-batch's summed loss becomes its share of the step's loss (:class:`StepWindow`), autocast to
+``train.precision``, fp16 loss scaling, clipping at ``train.grad_clip``, the step's metrics, and the
+state by parameter name. With ``loss_reduction = "token"`` the update equals one big batch over every
+labelled token of the step; ``"sample"`` reproduces the seed (mean per micro-batch, averaged).
 
-State is saved by parameter name (``model``: trainable tensors of the MLLM, ``optimizer``: AdamW
-state keyed by name), so a checkpoint written under one backend loads under another.
+A backend supplies only what differs, as a :class:`Runner` (see :mod:`mllmkit.interfaces`):
+how forward/backward runs over the step's micro-batches (plain, DDP without sync until the last one,
+a DeepSpeed engine, a pipeline schedule), how the step is applied (clip and step), and how full
+tensors and optimizer moments are gathered and put back by name. State keyed by MLLM parameter names
+means a checkpoint written under one backend loads under any other.
 """
 
 from __future__ import annotations
@@ -20,25 +24,46 @@ import torch
 from torch import nn
 
 from mllmkit.data.collate import Batch
-from mllmkit.interfaces import ParallelBackend
+from mllmkit.interfaces import ParallelBackend, Runner
 from mllmkit.train.optim import set_lr
 
-__all__ = ["TorchEngine", "load_named_optimizer_state", "named_optimizer_state", "micro_batch_loss"]
+__all__ = ["Engine", "StepWindow", "load_named_optimizer_state", "named_optimizer_state",
+           "restore_group_settings"]
 
 
-def micro_batch_loss(total: torch.Tensor, tokens: torch.Tensor, reduction: str, world: int,
-                     global_tokens: float, global_nonempty: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A micro-batch's share of the optimizer step's loss (what to backpropagate) and its sample mean.
+class StepWindow:
+    """One optimizer step's micro-batches and the step-wide numbers every backend's step needs.
 
-    ``token``: summed token loss over every labelled token of the step on all ranks (times ``world``,
-    since gradient reduction averages over ranks). ``sample``: the seed's per-micro-batch mean, averaged
-    over the non-empty micro-batches of the step. The second value is the detached micro-batch mean
-    for logging (0 under ``token``).
+    ``share(total, tokens)`` turns a micro-batch's summed loss into what to backpropagate — its share
+    of the step's loss, times ``multiplier`` (the factor the backend's gradient averaging divides by:
+    data-parallel ranks, and accumulation steps where the backend divides by those too), times the
+    fp16 loss scale — and records the loss sums on the device (no host sync per micro-batch).
     """
-    if reduction == "token":
-        return total * world / max(global_tokens, 1.0), torch.zeros((), dtype=torch.float64)
-    mean = total / tokens.clamp(min=1)
-    return mean * world / max(global_nonempty, 1.0), mean.detach().double().cpu()
+
+    def __init__(self, micro_batches: Sequence[Batch], reduction: str, counts: Sequence[float],
+                 multiplier: float, device: torch.device, loss_scale: float = 1.0) -> None:
+        self.micro_batches = micro_batches
+        self.reduction = reduction
+        self.tokens, self.samples, self.nonempty = counts
+        self.multiplier = multiplier
+        self.loss_scale = loss_scale
+        self.loss_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        """Summed token loss and the sum of micro-batch means recorded on this rank."""
+
+    @property
+    def denominator(self) -> float:
+        return max(self.tokens if self.reduction == "token" else self.nonempty, 1.0)
+
+    def share(self, total: torch.Tensor, tokens: torch.Tensor | int) -> torch.Tensor:
+        self.loss_sums[0] += total.detach().double()
+        if self.reduction == "sample":
+            total = total / (tokens.clamp(min=1) if torch.is_tensor(tokens) else max(tokens, 1))
+            self.loss_sums[1] += total.detach().double()
+        return total * (self.multiplier * self.loss_scale / self.denominator)
+
+    def loss(self, reduced_sums: torch.Tensor) -> float:
+        """The step's true loss from the sums reduced over ranks."""
+        return float(reduced_sums[0 if self.reduction == "token" else 1]) / self.denominator
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -66,112 +91,84 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-class _LossModule(nn.Module):
-    """What DDP wraps: the MLLM's loss as a plain tuple (DDP inspects outputs as tensors)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **inputs):
-        out = self.model(**inputs)
-        return out.loss_sum, out.num_tokens
+def restore_group_settings(optimizer: torch.optim.Optimizer, saved_groups: Sequence[dict[str, Any]]) -> None:
+    """Put a checkpoint's AdamW hyper-parameters (betas, eps, weight decay) back on the groups."""
+    for mine, theirs in zip(optimizer.param_groups, saved_groups):
+        for key in ("betas", "eps", "weight_decay"):
+            if key in theirs:
+                mine[key] = theirs[key]
 
 
-class TorchEngine:
-    """A model, its AdamW and schedule, stepping on one device (optionally wrapped in DDP)."""
+class Engine:
+    """A model prepared by a backend: one optimizer step per :meth:`train_step`, checkpointable."""
 
-    def __init__(self, model: nn.Module, backend: ParallelBackend, optimizer_factory: Callable[..., Any],
-                 lr_schedule: Callable[[int], float], train, wrap: Callable[[nn.Module], nn.Module] | None = None):
+    def __init__(self, model: nn.Module, backend: ParallelBackend, runner: Runner,
+                 lr_schedule: Callable[[int], float], train) -> None:
         self.model = model
         self.backend = backend
+        self.runner = runner
         self.device = backend.device
         self.settings = train
         self.lr_schedule = lr_schedule
-        self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.optimizer = optimizer_factory(self.named_trainable)
-        module = _LossModule(model)
-        self.forward_module = wrap(module) if wrap is not None else module
         self.step = 0
-        precision = train.precision
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16" and self.device.type == "cuda")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16"
+                                           and self.device.type == "cuda" and runner.uses_grad_scaler)
 
-    # -- one optimizer step --
-    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
-        lr = self.lr_schedule(self.step)
-        set_lr(self.optimizer, lr)
-        world = self.backend.world_size
-        counts = torch.tensor([sum(b.num_tokens for b in micro_batches), sum(b.size for b in micro_batches),
-                               sum(1 for b in micro_batches if b.size)], dtype=torch.float64)
-        global_tokens, global_samples, global_nonempty = self.backend.all_reduce(counts).tolist()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        sample_means = torch.zeros((), dtype=torch.float64)
-        self.model.train()
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.forward_module, "no_sync") \
-                else self.forward_module.no_sync()
-            with sync:
-                if batch.size == 0:  # every sample skipped: still take part in the gradient sync
-                    scaled = sum(p.sum() * 0.0 for _, p in self.named_trainable)
-                else:
-                    with self._autocast():
-                        total, tokens = self.forward_module(**batch.model_inputs(self.device))
-                    loss_sum += total.detach().double().cpu()
-                    scaled, mean = micro_batch_loss(total, tokens, self.settings.loss_reduction, world,
-                                                    global_tokens, global_nonempty)
-                    sample_means += mean
-                self.scaler.scale(scaled).backward()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for _, p in self.named_trainable]
-        clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        sums = self.backend.all_reduce(torch.stack([loss_sum, sample_means]))
-        if self.settings.loss_reduction == "token":
-            loss = float(sums[0]) / max(global_tokens, 1.0)
-        else:
-            loss = float(sums[1]) / max(global_nonempty, 1.0)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens, "samples": global_samples}
-
-    def _autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's autocast to ``train.precision`` (none for fp32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    # -- one optimizer step --
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
+        """Set the step's learning rate, run forward/backward over this rank's micro-batches, clip,
+        step, and return the step's true loss over all ranks with the global counts."""
+        lr = self.lr_schedule(self.step)
+        set_lr(self.runner.optimizer, lr)
+        local = torch.tensor([sum(b.num_tokens for b in micro_batches), sum(b.size for b in micro_batches),
+                              sum(1 for b in micro_batches if b.size)], dtype=torch.float64)
+        counts = (self.backend.all_reduce(local) / self.backend.batch_replicas).tolist()
+        window = StepWindow(micro_batches, self.settings.loss_reduction, counts,
+                            self.runner.loss_multiplier(len(micro_batches)), self.device,
+                            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+        self.model.train()
+        self.runner.forward_backward(window, self.autocast)
+        grad_norm = self.runner.apply(self.settings.grad_clip, self.scaler)
+        self.step += 1
+        sums = self.backend.all_reduce(window.loss_sums.cpu())
+        return {"loss": window.loss(sums), "lr": lr, "grad_norm": grad_norm, "tokens": window.tokens,
+                "samples": window.samples}
+
     # -- evaluation --
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
-        """Summed token loss and labelled-token count of one batch (this rank only)."""
+        """Summed token loss and labelled-token count of one batch (this rank's data)."""
         if batch.size == 0:
             return 0.0, 0
         self.model.eval()
-        with self._autocast():
-            out = self.model(**batch.model_inputs(self.device))
-        return float(out.loss_sum), int(out.num_tokens)
+        with self.autocast():
+            total, tokens = self.runner.eval_forward(batch)
+        return float(total), int(tokens)
 
-    # -- state --
+    # -- state by parameter name --
     def state_dict(self) -> dict[str, Any]:
-        """``model`` (trainable tensors by MLLM name, on CPU), ``optimizer`` (by name), ``step``, ``scaler``."""
-        return {"model": {n: p.detach().cpu().clone() for n, p in self.named_trainable},
-                "optimizer": named_optimizer_state(self.optimizer), "step": self.step,
+        """``model`` (full trainable tensors by MLLM name, on CPU), ``optimizer`` (AdamW state by name),
+        ``step``, ``scaler``. A collective under sharding backends: call it on every rank."""
+        return {**self.runner.gather_state(self.step), "step": self.step,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = dict(self.named_trainable)
-        missing = sorted(set(params) - set(state["model"]))
-        unexpected = sorted(set(state["model"]) - set(params))
+        """Take a state written by any backend (names must match this model's trainable parameters)."""
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(state["model"]))
+        unexpected = sorted(set(state["model"]) - trainable)
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match this model's trainable parameters: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, tensor in state["model"].items():
-                params[name].copy_(tensor)
-        load_named_optimizer_state(self.optimizer, state["optimizer"])
+        self.runner.load_state(state)
+        restore_group_settings(self.runner.optimizer, state["optimizer"]["param_groups"])
         self.step = int(state["step"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

@@ -3,27 +3,21 @@
 With ``--nproc-per-node N`` (and not already under torchrun) this starts
 ``python -m torch.distributed.run --nproc_per_node N --master_addr 127.0.0.1 --master_port <free>
 -m mllmkit.cli run ...`` and returns its exit code; every worker then reads torchrun's environment.
-A recipe whose parallel backend has ``num_stages`` > 1 (a pipeline) cannot run in one process, so
-without a launcher and without ``--nproc-per-node`` it starts ``num_stages`` processes (one per stage).
+A recipe whose parallel backend needs several processes (``processes_needed()``: a pipeline, one per
+stage) without a launcher and without ``--nproc-per-node`` starts that many itself.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 from mllmkit.errors import UserError
+from mllmkit.train.dist import free_port
 
-__all__ = ["default_run_dir", "free_port", "run_command", "torchrun_command"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["default_run_dir", "run_command", "torchrun_command"]
 
 
 def default_run_dir(recipe) -> pathlib.Path:
@@ -53,7 +47,7 @@ def run_command(recipe: str, overrides: list[str], resume: str | None = None, np
     if nproc_per_node is not None and nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be at least 1, found {nproc_per_node}")
     from mllmkit.recipe import load_recipe
-    from mllmkit.train.loop import train
+    from mllmkit.train.loop import build_backend, train
 
     loaded = load_recipe(recipe, overrides)  # a bad recipe stops here, before any process starts
     missing = loaded.missing_inputs()
@@ -61,11 +55,11 @@ def run_command(recipe: str, overrides: list[str], resume: str | None = None, np
         raise UserError("the recipe names inputs that are not there (paths are relative to the recipe's "
                         "folder, then $MLLMKIT_HOME):\n  " + "\n  ".join(missing))
     launched = "LOCAL_RANK" in os.environ
-    stages = getattr(loaded.parallel.config, "num_stages", 1)
-    if nproc_per_node is None and not launched and stages > 1:
-        print(f"mllmkit: parallel.num_stages = {stages}: starting {stages} processes with torchrun, one per stage "
-              f"(--nproc-per-node N for data parallel as well)", file=sys.stderr, flush=True)
-        nproc_per_node = stages
+    needed = build_backend(loaded).processes_needed()
+    if nproc_per_node is None and not launched and needed > 1:
+        print(f"mllmkit: parallel.type = '{loaded.parallel.type}' needs {needed} processes: starting them with "
+              f"torchrun (--nproc-per-node N for data parallel as well)", file=sys.stderr, flush=True)
+        nproc_per_node = needed
     if nproc_per_node is not None and not launched:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return subprocess.call(torchrun_command(recipe, overrides, resume, nproc_per_node, output_dir), env=env)

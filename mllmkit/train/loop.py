@@ -22,7 +22,7 @@ from mllmkit.data.errors import Skip, SkipReport
 from mllmkit.data.loader import load_micro_batches, loader_seed
 from mllmkit.data.sampling import epoch_order, group_by_length, rank_micro_batches, steps_per_epoch
 from mllmkit.errors import UserError
-from mllmkit.interfaces import BuildContext
+from mllmkit.interfaces import BuildContext, ParallelBackend
 from mllmkit.recipe import Recipe
 from mllmkit.train.checkpoint import (
     export,
@@ -33,10 +33,11 @@ from mllmkit.train.checkpoint import (
     set_rng_state,
 )
 from mllmkit.train.evaluate import exact_match
+from mllmkit.train.feature_cache import FeatureCache
 from mllmkit.train.metrics import MetricsWriter
 from mllmkit.train.optim import build_adamw, check_lr_scale, make_lr_schedule
 
-__all__ = ["TrainResult", "evaluate", "train"]
+__all__ = ["TrainResult", "build_backend", "evaluate", "train"]
 
 
 @attrs.frozen
@@ -52,30 +53,35 @@ class TrainResult:
     skipped: dict[str, int]
 
 
+def build_backend(recipe: Recipe) -> ParallelBackend:
+    """The recipe's parallel backend, not yet set up (its declarations can be read before any process starts)."""
+    preference = recipe.train.device  # "auto": the backend picks (the local GPU when there is one)
+    device = None if preference == "auto" else torch.device(preference)
+    return recipe.parallel.spec.build(recipe.parallel.config, BuildContext(key="parallel", recipe_dir=recipe.dir,
+                                                                           device=device))
+
+
 def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None) -> TrainResult:
     """Train as the recipe says, writing metrics, checkpoints and the export into ``run_dir``."""
     settings, data = recipe.train, recipe.data
     run_dir = pathlib.Path(run_dir)
-    backend = recipe.parallel.spec.build(recipe.parallel.config, BuildContext(key="parallel", recipe_dir=recipe.dir,
-                                                                              recipe=recipe))
+    backend = build_backend(recipe)
     backend.setup()
+    progress = None
     try:
         if backend.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         backend.barrier()
 
         # -- model (same seed on every rank, so frozen weights are identical without a broadcast) --
-        from mllmkit.assemble import assemble
-
         torch.manual_seed(settings.seed)
-        # a backend may build the model itself (the pipeline: parameters on the meta device first)
-        model = backend.assemble(recipe) if hasattr(backend, "assemble") else assemble(recipe)
+        model = backend.assemble(recipe)  # the pipeline's: parameters on the meta device first
         check_lr_scale((name for name, p in model.named_parameters() if p.requires_grad), settings.lr_scale)
         if settings.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing"):
             model.llm.gradient_checkpointing(True)
 
         # -- data --
-        context = BuildContext(key="data", recipe_dir=recipe.dir, model=model, recipe=recipe)
+        context = BuildContext(key="data", recipe_dir=recipe.dir, model=model)
         datasets = [c.spec.build(c.config, attrs.evolve(context, key=c.key)) for c in recipe.train_data]
         eval_sets = [c.spec.build(c.config, attrs.evolve(context, key=c.key)) for c in recipe.eval_data]
         if not datasets:
@@ -99,6 +105,11 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         # -- engine: the backend wraps the model, builds AdamW and steps it on the schedule --
         engine = backend.prepare(model, functools.partial(build_adamw, train=settings),
                                  make_lr_schedule(settings, total_steps), settings)
+        model.loss_logits = settings.loss_logits
+        features = FeatureCache.create(model, engine.device, settings.feature_cache, run_dir, recipe.to_dict()["model"],
+                                       encoder.transform) if settings.cache_features else None
+        collate = Collator(template.pad_token_id, pad_to_multiple=data.pad_to_multiple,
+                           image_token_id=template.image_token_id)
 
         # -- resume --
         skips = SkipReport()
@@ -138,10 +149,13 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                 order = group_by_length(order, [_length(datasets[d], i) for d, i, _ in order], mb)
             last = min(per_epoch, first + total_steps - engine.step)
             plan = [rank_micro_batches(order, s, mb, accum, world, backend.rank) for s in range(first, last)]
-            batches = load_micro_batches(samples, [m for step in plan for m in step], Collator(template.pad_token_id),
-                                         data.num_workers, loader_seed(settings.seed, epoch))
+            batches = load_micro_batches(samples, [m for step in plan for m in step], collate,
+                                         data.num_workers, loader_seed(settings.seed, epoch),
+                                         pin_memory=engine.device.type == "cuda")
             for _ in plan:
                 micro_batches = [next(batches) for _ in range(accum)]
+                if features is not None:  # frozen image features computed once, then reused
+                    micro_batches = [features.attach(b) for b in micro_batches]
                 skips.add(s for b in micro_batches for s in b.skips)
                 out = engine.train_step(micro_batches)
                 losses.append(out["loss"])
@@ -150,7 +164,6 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                 window["loss"] += out["loss"]
                 window["steps"] += 1
                 step = engine.step
-                progress.update(1)
                 if step % settings.log_every == 0 or step == total_steps:
                     elapsed = max(time.perf_counter() - window["time"], 1e-9)
                     record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": window["loss"] / window["steps"],
@@ -162,17 +175,15 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                                          samples_s=f"{record['samples_per_s']:.1f}",
                                          tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                     window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
+                progress.update(1)  # after the postfix: the bar shows this step's loss and lr, not the last one's
                 if settings.eval_every and step % settings.eval_every == 0 and step < total_steps and eval_sets:
                     metrics.write({"step": step, **evaluate(engine, backend, eval_sets, eval_encoder, settings)})
                 if settings.save_every and step % settings.save_every == 0 and step < total_steps:
                     save()
         progress.close()
 
-        # -- the end: final checkpoint, evaluation, export, skip report --
+        # -- the end: final checkpoint, export, skip report, then evaluation (it cannot cost the export) --
         final_state = save()
-        if eval_sets:
-            eval_result = evaluate(engine, backend, eval_sets, eval_encoder, settings)
-            metrics.write({"step": engine.step, **eval_result})
         for report in backend.all_gather_object(skips):
             skips.merge([report])
         export_dir = None
@@ -181,11 +192,16 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
             skips.write_jsonl(run_dir / "skipped.jsonl")
             if skips.seen:
                 print(skips.summary(), file=sys.stderr)
+        if eval_sets:
+            eval_result = evaluate(engine, backend, eval_sets, eval_encoder, settings)
+            metrics.write({"step": engine.step, **eval_result})
         metrics.close()
         backend.barrier()
         return TrainResult(run_dir=run_dir, steps=engine.step, losses=losses, eval=eval_result,
                            export_dir=export_dir, skipped=skips.counts())
     finally:
+        if progress is not None:
+            progress.close()  # also when the run stops with an error: its message starts on a line of its own
         backend.shutdown()
 
 

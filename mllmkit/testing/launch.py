@@ -1,21 +1,23 @@
 """Test helpers: a tiny recipe and torchrun launches of ``mllmkit run`` on the CPU (gloo, free port).
 
-Used by this plugin's tests; each launch sets ``DS_ACCELERATOR=cpu``, a workspace
-``TORCH_EXTENSIONS_DIR`` (DeepSpeed's JIT-built ops are cached there) and its own ``TMPDIR``.
+Used by the distributed tests of the core (``ddp``, ``zero``) and of backend plugins; each launch
+sets ``DS_ACCELERATOR=cpu``, a workspace ``TORCH_EXTENSIONS_DIR`` (DeepSpeed's JIT-built ops are
+cached there) and its own ``TMPDIR``.
 """
 
 from __future__ import annotations
 
-__all__ = ["TINY_RECIPE", "ds_env", "free_port", "losses", "torchrun"]
+__all__ = ["TINY_RECIPE", "convert_and_chat_load", "ds_env", "free_port", "losses", "torchrun"]
 
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
-CACHE = pathlib.Path(os.environ.get("MLLMKIT_TEST_CACHE", pathlib.Path(__file__).resolve().parents[3] / ".cache"))
+from mllmkit.train.dist import free_port
+
+CACHE = pathlib.Path(os.environ.get("MLLMKIT_TEST_CACHE", pathlib.Path(__file__).resolve().parents[2] / ".cache"))
 
 TINY_RECIPE = """
 [model.vision]
@@ -30,7 +32,7 @@ type = "linear"
 [model.llm]
 type = "qwen"
 preset = "qwen_tiny"
-dtype = "fp32"
+precision = "fp32"
 
 [[data.train]]
 type = "demo_shapes"
@@ -60,12 +62,6 @@ def ds_env(tmp: pathlib.Path) -> dict[str, str]:
             "TMPDIR": str(tmp / "tmp"), "MASTER_ADDR": "127.0.0.1"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(nproc: int, recipe: pathlib.Path, out: pathlib.Path, *overrides: str, resume: str | None = None,
              timeout: float = 240) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
@@ -84,3 +80,14 @@ def losses(run_dir: pathlib.Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+def convert_and_chat_load(run: pathlib.Path, target: pathlib.Path, saved: dict) -> None:
+    """``mllmkit convert`` of the run's step-3 checkpoint loads in chat with exactly the trained tensors."""
+    import torch
+
+    from mllmkit.chat.loading import load_chat_model
+    from mllmkit.cli import main
+
+    assert main(["convert", str(run / "checkpoints" / "step_0000003"), "--to", str(target)]) == 0
+    model, _ = load_chat_model(target, device="cpu", precision="fp32")
+    torch.testing.assert_close(model.bridges[1].proj.weight, saved["bridges.1.proj.weight"])
+    torch.testing.assert_close(model.bridges[1].proj.bias, saved["bridges.1.proj.bias"])

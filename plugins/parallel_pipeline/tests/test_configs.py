@@ -1,15 +1,15 @@
-"""Recipe options, DeepSpeed config building, and the two DeepSpeed recipes under `mllmkit check`."""
+"""Pipeline recipe options, its DeepSpeed config, and the DeepSpeed recipes under `mllmkit check`."""
 
 from __future__ import annotations
 
 import pathlib
 
 import pytest
-from mllmkit_parallel_deepspeed.testing import TINY_RECIPE
 
 from mllmkit.cli import main
 from mllmkit.errors import RecipeError
 from mllmkit.recipe import load_recipe
+from mllmkit.testing.launch import TINY_RECIPE
 
 RECIPES = pathlib.Path(__file__).resolve().parents[3] / "recipes"
 
@@ -21,26 +21,8 @@ def tiny(tmp_path) -> pathlib.Path:
     return path
 
 
-def test_zero_config_follows_the_recipe(tiny):
-    from mllmkit_parallel_deepspeed.zero import zero_ds_config
-
-    recipe = load_recipe(tiny, ["parallel.type=zero", "parallel.stage=2", "parallel.offload_optimizer=cpu",
-                                "train.grad_clip=0.5", "parallel.reduce_bucket_size=1000"])
-    config = zero_ds_config(recipe.parallel.config, recipe.train, world=4)
-    assert config == {
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 16,
-        "steps_per_print": 10 ** 9, "wall_clock_breakdown": False, "gradient_clipping": 0.5,
-        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": 1000, "allgather_bucket_size": 200_000_000,
-                              "offload_optimizer": {"device": "cpu", "pin_memory": True}},
-        "zero_allow_untested_optimizer": True,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": 0.05}},
-    }
-
-
 def test_pipeline_config_turns_deepspeed_clipping_off(tiny):
-    from mllmkit_parallel_deepspeed.pipeline import pipeline_ds_config
+    from mllmkit_parallel_pipeline.pipeline import pipeline_ds_config
 
     recipe = load_recipe(tiny, ["parallel.type=pipeline", "parallel.zero_stage=1"])
     config = pipeline_ds_config(recipe.parallel.config, recipe.train, dp_world=2)

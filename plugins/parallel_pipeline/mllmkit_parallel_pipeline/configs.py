@@ -1,4 +1,4 @@
-"""Recipe options of the ``zero`` and ``pipeline`` backends (the ``[parallel]`` table).
+"""Recipe options of the ``pipeline`` backend (the ``[parallel]`` table).
 
 Optimizer, schedule, batch sizes, clipping and precision come from ``[train]`` so a recipe means
 the same thing under every backend; these tables only hold what is DeepSpeed-specific.
@@ -6,13 +6,13 @@ the same thing under every backend; these tables only hold what is DeepSpeed-spe
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 
 from mllmkit.config import ConfigValueError, config, non_negative, positive
 
-__all__ = ["PipelineConfig", "ZeroConfig"]
+__all__ = ["PipelineConfig"]
 
 
 def _stage_map(instance: Any, attribute: attrs.Attribute, value: list[int] | None) -> None:
@@ -31,27 +31,6 @@ def _one_of(*allowed: int, why: str = ""):
             raise ConfigValueError(attribute.name, f"expected one of {', '.join(map(str, allowed))}, found {value!r}"
                                                    + (f" ({why})" if why else ""))
     return check
-
-
-@config
-class ZeroConfig:
-    """Options of ``zero`` (DeepSpeed ZeRO data parallel)."""
-
-    stage: int = attrs.field(default=2, validator=_one_of(0, 1, 2, 3))
-    """ZeRO stage: 0 plain DP, 1 shards optimizer state, 2 + gradients, 3 + trainable parameters."""
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    """Keep optimizer state (and its step) on the CPU (DeepSpeedCPUAdam; stages 1–3)."""
-    pin_memory: bool = True
-    """Pinned host memory for the offloaded optimizer state."""
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = attrs.field(default=200_000_000, validator=positive)
-    allgather_bucket_size: int = attrs.field(default=200_000_000, validator=positive)
-    sub_group_size: int = attrs.field(default=1_000_000_000, validator=positive)
-    timeout_s: int = attrs.field(default=600, validator=positive)
-    """A collective waiting longer than this (a rank died) raises instead of hanging."""
-    extra: dict = attrs.Factory(dict)
-    """Raw DeepSpeed config entries merged last (expert use; e.g. {"wall_clock_breakdown": true})."""
 
 
 @config

@@ -4,12 +4,12 @@ what the Hugging Face model computes on its own."""
 from __future__ import annotations
 
 import torch
-from mllmkit_parallel_deepspeed.layer_inputs import LayerInputsCache
-from mllmkit_parallel_deepspeed.pipe_layers import pipeline_layers
-from mllmkit_parallel_deepspeed.testing import TINY_RECIPE
+from mllmkit_parallel_pipeline.layer_inputs import LayerInputsCache
+from mllmkit_parallel_pipeline.pipe_layers import pipeline_layers
 
 from mllmkit.assemble import assemble
 from mllmkit.recipe import load_recipe
+from mllmkit.testing.launch import TINY_RECIPE
 
 
 def _model(tmp_path):

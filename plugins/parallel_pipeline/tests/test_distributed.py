@@ -1,4 +1,4 @@
-"""Distributed runs on 2–4 CPU processes (gloo) against the ``single`` backend's losses.
+"""Pipeline runs on 2–4 CPU processes (gloo) against the ``single`` backend's losses.
 
 Tolerance: relative 1e-5 — the same samples and weights; ZeRO-2/3 reduce gradients in buckets and
 the pipeline reports its loss in float32, so only summation order and float32 rounding differ.
@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from mllmkit_parallel_deepspeed.testing import TINY_RECIPE, ds_env, losses, torchrun
 from safetensors.torch import load_file
+
+from mllmkit.testing.launch import TINY_RECIPE, convert_and_chat_load, ds_env, losses, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -34,43 +34,6 @@ def pipeline_run(tmp_path_factory, tiny_recipe):
     return out, result
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_matches_single(tmp_path, stage, single_losses):
-    recipe = tmp_path / "zero.toml"
-    # stage 3: partition even tiny parameters (DeepSpeed keeps small ones whole by default)
-    recipe.write_text(TINY_RECIPE.replace('type = "single"', f'type = "zero"\nstage = {stage}\n'
-                                          "[parallel.extra.zero_optimization]\nstage3_param_persistence_threshold = 0"
-                                          if stage == 3 else f'type = "zero"\nstage = {stage}'))
-    out = tmp_path / "run"
-    _ok(torchrun(2, recipe, out))
-    assert losses(out) == pytest.approx(single_losses[4], rel=REL)
-    # the export and the checkpoint hold the full trained tensors (not ZeRO-3 partitions)
-    export = load_file(str(out / "export" / "trainable.safetensors"))
-    saved = load_file(str(out / "checkpoints" / "step_0000003" / "trainable.safetensors"))
-    assert {k: tuple(v.shape) for k, v in export.items()} == {"bridges.1.proj.weight": (64, 64),
-                                                              "bridges.1.proj.bias": (64,)}
-    for name in export:
-        torch.testing.assert_close(export[name], saved[name])
-    optimizer = torch.load(out / "checkpoints" / "step_0000003" / "optimizer.pt", weights_only=True)["optimizer"]
-    assert set(optimizer["state"]) == {"bridges.1.proj.weight", "bridges.1.proj.bias"}
-    assert optimizer["state"]["bridges.1.proj.weight"]["exp_avg"].shape == (64, 64)
-    assert [g["weight_decay"] for g in optimizer["param_groups"]] == [0.05, 0.0]
-    _convert_and_chat_load(out, tmp_path / "converted", saved)
-
-
-def test_zero_honours_lr_scale(tmp_path, tiny_recipe, single_losses):
-    """``lr_scale = {bridges = 2}`` at lr 1e-3 under ZeRO-2 trains as lr 2e-3 does in one process
-    (only the Linear bridge trains; no warmup, min_lr 0)."""
-    from mllmkit.recipe import load_recipe
-    from mllmkit.train.loop import train
-
-    reference = train(load_recipe(tiny_recipe, ["train.grad_accum=4", "train.lr=2e-3"]), tmp_path / "single").losses
-    out = tmp_path / "zero"
-    _ok(torchrun(2, tiny_recipe, out, "parallel.type=zero", "parallel.stage=2", "train.lr_scale.bridges=2.0"))
-    assert losses(out) == pytest.approx(reference, rel=REL)
-    assert losses(out)[1:] != pytest.approx(single_losses[4][1:], rel=1e-4)  # lr 1e-3 would train otherwise
-
-
 def test_pipeline_two_stages_matches_single_with_a_frozen_stage(pipeline_run, single_losses):
     out, result = pipeline_run
     assert losses(out) == pytest.approx(single_losses[2], rel=REL)
@@ -78,7 +41,7 @@ def test_pipeline_two_stages_matches_single_with_a_frozen_stage(pipeline_run, si
     assert "pipeline partition (cost model): 2 stages" in result.stderr
     saved = load_file(str(out / "checkpoints" / "step_0000002" / "trainable.safetensors"))
     assert set(saved) == {"bridges.1.proj.weight", "bridges.1.proj.bias"}
-    _convert_and_chat_load(out, out.parent / "converted", load_file(str(out / "checkpoints" / "step_0000003" /
+    convert_and_chat_load(out, out.parent / "converted", load_file(str(out / "checkpoints" / "step_0000003" /
                                                                          "trainable.safetensors")))
 
 
@@ -126,7 +89,7 @@ def test_plain_mllmkit_run_starts_one_process_per_stage(tmp_path, tiny_recipe, p
                "--set", "parallel.type=pipeline", "--set", "parallel.meta_init=false", "--set", "train.save_every=2"]
     result = subprocess.run(command, env=ds_env(tmp_path), capture_output=True, text=True, timeout=240, check=False)
     _ok(result)
-    assert ("mllmkit: parallel.num_stages = 2: starting 2 processes with torchrun, one per stage "
+    assert ("mllmkit: parallel.type = 'pipeline' needs 2 processes: starting them with torchrun "
             "(--nproc-per-node N for data parallel as well)") in result.stderr
     assert losses(out) == losses(pipeline_run[0])
 
@@ -142,14 +105,3 @@ def _recipe(tmp_path: pathlib.Path) -> pathlib.Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_RECIPE)
     return path
-
-
-def _convert_and_chat_load(run: pathlib.Path, target: pathlib.Path, saved: dict[str, torch.Tensor]) -> None:
-    """``mllmkit convert`` of the run's last checkpoint loads in chat with exactly the trained tensors."""
-    from mllmkit.chat.loading import load_chat_model
-    from mllmkit.cli import main
-
-    assert main(["convert", str(run / "checkpoints" / "step_0000003"), "--to", str(target)]) == 0
-    model, _ = load_chat_model(target, device="cpu", precision="fp32")
-    torch.testing.assert_close(model.bridges[1].proj.weight, saved["bridges.1.proj.weight"])
-    torch.testing.assert_close(model.bridges[1].proj.bias, saved["bridges.1.proj.bias"])

@@ -6,7 +6,7 @@ import itertools
 import random
 
 import pytest
-from mllmkit_parallel_deepspeed.partition import (
+from mllmkit_parallel_pipeline.partition import (
     LayerCost,
     _best_split,
     format_plan,

@@ -1,4 +1,4 @@
-"""Registration of the ``zero`` and ``pipeline`` parallel backends."""
+"""Registration of the ``pipeline`` parallel backend (DeepSpeed is imported at setup only)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ from mllmkit.registry import ComponentSpec
 
 @hookimpl
 def mllmkit_register_parallel_backends() -> list[ComponentSpec]:
-    from mllmkit_parallel_deepspeed.specs import SPECS
+    from mllmkit_parallel_pipeline.pipeline import SPECS
 
     return SPECS

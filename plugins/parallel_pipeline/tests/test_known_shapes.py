@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mllmkit_parallel_deepspeed.known_shapes import KnownShapeTransfers
+from mllmkit_parallel_pipeline.known_shapes import KnownShapeTransfers
 
 
 class _Engine:

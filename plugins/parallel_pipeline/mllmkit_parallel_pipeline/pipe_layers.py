@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mllmkit.model import loss_at_rows
-from mllmkit_parallel_deepspeed.layer_inputs import LayerInputsCache
+from mllmkit_parallel_pipeline.layer_inputs import LayerInputsCache
 
 __all__ = [
     "DecoderLayer",
@@ -99,22 +99,19 @@ class LabelledLoss:
     next token is labelled (:func:`mllmkit.model.labelled_rows`, computed from the host's labels, so
     the last stage never waits on its GPU to find them).
 
-    Not a module (DeepSpeed would register it on every stage). ``scale`` is set per optimizer step:
-    DeepSpeed divides by the accumulation steps and averages over data-parallel ranks, so the scale
-    turns each micro-batch's summed loss into its share of the step's token mean (or sample mean).
+    Not a module (DeepSpeed would register it on every stage). In training ``window`` is the core's
+    :class:`mllmkit.train.engine.StepWindow`: the loss backpropagated is the micro-batch's share of the
+    step's loss, and the window records the loss sums; in evaluation (no window) it is the plain sum.
     """
 
     def __init__(self, final: FinalLayer) -> None:
         self.final = final
-        self.reduction = "token"
-        self.scale = 1.0
+        self.window = None
 
     def __call__(self, hidden: torch.Tensor, labelled: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         rows, targets = labelled
         loss_sum = loss_at_rows(hidden, rows, targets, self.final.head)
-        if self.reduction == "sample":
-            loss_sum = loss_sum / max(targets.numel(), 1)
-        return loss_sum * self.scale
+        return loss_sum if self.window is None else self.window.share(loss_sum, targets.numel())
 
 
 def pipeline_layers(model: nn.Module, checkpointing: bool = False) -> list[nn.Module]:

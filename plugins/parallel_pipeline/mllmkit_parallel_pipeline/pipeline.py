@@ -11,18 +11,19 @@ only this rank's layers are materialised (random-weight parts initialised on the
 builder loaded from files are kept) and every other stage's tensors are released to meta. Without
 it the model is built normally (same seed on every rank) and the other stages are released.
 
-Training: DeepSpeed's 1F1B schedule over ``train.grad_accum`` micro-batches; autocast to
-``train.precision`` around it with fp32 trainable weights (no DeepSpeed bf16 optimizer, so frozen
-weights never get an fp32 master copy, and a stage without trainable parameters just gets an
-AdamW with empty groups — no dummy layer). DeepSpeed's own clipping is off (it fails on a frozen
-stage); the client AdamW clips with the gradient norm reduced over the pipeline (and, at ZeRO-1,
-the data-parallel) group. The loss is token-weighted over the whole step, as in the torch engine.
-``state_dict`` gathers every stage's trainable tensors and AdamW state by MLLM name.
+Training: the core's optimizer step (:class:`mllmkit.train.engine.Engine`) with a
+:class:`PipelineRunner`: DeepSpeed's 1F1B schedule over ``train.grad_accum`` micro-batches under the
+core's autocast, fp32 trainable weights (no DeepSpeed bf16 optimizer, so frozen weights never get an
+fp32 master copy, and a stage without trainable parameters just gets an AdamW with empty groups — no
+dummy layer). The last stage's loss function backpropagates each micro-batch's share of the step's
+loss (``StepWindow.share``; DeepSpeed also divides by the accumulation steps). DeepSpeed's own
+clipping is off (it fails on a frozen stage); the client AdamW clips with the gradient norm reduced
+over the pipeline (and, at ZeRO-1, the data-parallel) group. ``gather_state`` collects every stage's
+trainable tensors and AdamW state by MLLM name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -33,36 +34,37 @@ from torch import nn
 
 from mllmkit.data.collate import Batch
 from mllmkit.errors import UserError
+from mllmkit.interfaces import BuildContext
 from mllmkit.model import labelled_rows
-from mllmkit.train.engine import named_optimizer_state
-from mllmkit.train.optim import set_lr
+from mllmkit.registry import ComponentSpec
+from mllmkit.train.deepspeed import (
+    DeepSpeedBackend,
+    batch_config,
+    gather_named_state,
+    import_deepspeed,
+    load_named_state,
+    merge_config,
+)
+from mllmkit.train.dist import device_preference, launch_world_size
+from mllmkit.train.engine import Engine
 from mllmkit.weights import meta_parameters
-from mllmkit_parallel_deepspeed.configs import PipelineConfig
-from mllmkit_parallel_deepspeed.known_shapes import KnownShapeTransfers
-from mllmkit_parallel_deepspeed.partition import Plan, format_plan, layer_costs, plan_partition
-from mllmkit_parallel_deepspeed.pipe_layers import (
+from mllmkit_parallel_pipeline.configs import PipelineConfig
+from mllmkit_parallel_pipeline.known_shapes import KnownShapeTransfers
+from mllmkit_parallel_pipeline.partition import Plan, format_plan, layer_costs, plan_partition
+from mllmkit_parallel_pipeline.pipe_layers import (
     LabelledLoss,
     materialize_layers,
     pipeline_layers,
     release_layers,
 )
-from mllmkit_parallel_deepspeed.runtime import (
-    DeepSpeedBackendBase,
-    count_window,
-    dp_batch_config,
-    launch_world_size,
-)
-from mllmkit_parallel_deepspeed.zero import _merge, relink_zero_state
 
-__all__ = ["PipelineBackend", "PipelineEngine", "pipeline_ds_config", "plan_for"]
-
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+__all__ = ["SPECS", "PipelineBackend", "PipelineRunner", "pipeline_ds_config", "plan_for"]
 
 
 def pipeline_ds_config(cfg: PipelineConfig, train, dp_world: int) -> dict[str, Any]:
-    out = {**dp_batch_config(train, dp_world), "gradient_clipping": 0.0,
+    out = {**batch_config(train, dp_world), "gradient_clipping": 0.0,
            "zero_optimization": {"stage": cfg.zero_stage}, "zero_allow_untested_optimizer": True}
-    return _merge(out, cfg.extra)
+    return merge_config(out, cfg.extra)
 
 
 def plan_for(model: nn.Module, cfg: PipelineConfig, train) -> Plan:
@@ -73,15 +75,18 @@ def plan_for(model: nn.Module, cfg: PipelineConfig, train) -> Plan:
     return plan_partition(costs, cfg.num_stages, cfg.stage_map)
 
 
-class PipelineBackend(DeepSpeedBackendBase):
-    """DeepSpeed pipeline parallel (torchrun or the deepspeed launcher)."""
+class PipelineBackend(DeepSpeedBackend):
+    """DeepSpeed pipeline parallel (torchrun or the deepspeed launcher): one process per stage at least."""
 
     name = "pipeline"
 
-    def __init__(self, cfg: PipelineConfig, device_preference: str = "auto", recipe=None) -> None:
+    def __init__(self, cfg: PipelineConfig, device_preference: str = "auto") -> None:
         super().__init__(cfg, device_preference)
-        self.recipe = recipe
         self.stage, self.num_stages = 0, cfg.num_stages
+        self.batch_replicas = cfg.num_stages  # every stage reads the same batches
+
+    def processes_needed(self) -> int:
+        return self.cfg.num_stages
 
     def setup(self) -> None:
         world = launch_world_size()
@@ -96,27 +101,27 @@ class PipelineBackend(DeepSpeedBackendBase):
 
     def assemble(self, recipe):
         """Build the recipe's model; with ``meta_init`` every parameter starts on the meta device."""
-        from mllmkit.assemble import assemble
-
         if not self.cfg.meta_init:
-            return assemble(recipe)
+            return super().assemble(recipe)
         with meta_parameters():
-            return assemble(recipe)
+            return super().assemble(recipe)
 
     def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any], lr_schedule: Callable[[int], float],
-                train) -> PipelineEngine:
-        return PipelineEngine(model, self, optimizer_factory, lr_schedule, train)
+                train) -> Engine:
+        return Engine(model, self, PipelineRunner(model, self, optimizer_factory, train), lr_schedule, train)
 
 
-class PipelineEngine:
-    """One optimizer step per :meth:`train_step` through DeepSpeed's ``PipelineEngine``."""
+class PipelineRunner:
+    """The window's forward/backward and step through DeepSpeed's ``PipelineEngine`` (1F1B)."""
 
-    def __init__(self, model: nn.Module, backend: PipelineBackend, optimizer_factory, lr_schedule, train) -> None:
-        import deepspeed
+    uses_grad_scaler = False
+
+    def __init__(self, model: nn.Module, backend: PipelineBackend, optimizer_factory, train) -> None:
+        deepspeed = import_deepspeed("pipeline")
         from deepspeed.pipe import PipelineModule
 
         cfg: PipelineConfig = backend.cfg
-        self.model, self.backend, self.settings, self.lr_schedule = model, backend, train, lr_schedule
+        self.model, self.backend = model, backend
         self.device = backend.device
         layers = pipeline_layers(model, cfg.activation_checkpointing or train.gradient_checkpointing)
         self.plan = plan_for(model, cfg, train)
@@ -130,14 +135,12 @@ class PipelineEngine:
             for param in layer.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()
-        self.local_layers = local
         local_ids = {id(p) for layer in local for p in layer.parameters()}
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in local_ids]
         if cfg.zero_stage == 1 and not self.named_trainable:
             raise UserError(f"parallel.zero_stage = 1 needs a trainable parameter on every stage, but stage "
                             f"{backend.stage} has none; use zero_stage = 0 (frozen stages work there)")
         self.loss = LabelledLoss(layers[-1])
-        self.loss.reduction = train.loss_reduction
 
         class _Planned(PipelineModule):
             def _partition_layers(inner, method="uniform"):
@@ -152,29 +155,31 @@ class PipelineEngine:
 
         module = _Planned(layers=layers, num_stages=cfg.num_stages, loss_fn=self.loss, partition_method="uniform",
                           activation_checkpoint_interval=0, dynamic_shape=True)
-        optimizer = optimizer_factory(self.named_trainable)
-        self.grad_norm = float("nan")
         config = pipeline_ds_config(cfg, train, backend.world_size)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
-        self.engine, self.optimizer = engine, ds_optimizer
-        self.transfers = KnownShapeTransfers(engine, model.llm.hf_model.config.hidden_size)
-        inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
-        self._clip_group = engine.grid.get_pipe_parallel_group() if cfg.zero_stage == 0 else None
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer_factory(
+            self.named_trainable), config=config)
+        self.transfers = KnownShapeTransfers(self.engine, model.llm.hf_model.config.hidden_size)
+        self._clip_group = self.engine.grid.get_pipe_parallel_group() if cfg.zero_stage == 0 else None
+        self._clip = train.grad_clip
+        self.grad_norm = float("nan")
+        self._wrap_inner_step()
+
+    def _wrap_inner_step(self) -> None:
+        """Clip inside the optimizer's step (DeepSpeed steps it at the end of ``train_batch``) with the
+        gradient norm over every stage (and, at ZeRO-1, every data-parallel rank)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
         original_step = inner.step
-        clip = train.grad_clip
 
         def clipped_step(*args, **kwargs):
             params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
             self.grad_norm = self._global_norm(params)
-            if clip > 0 and math.isfinite(self.grad_norm) and self.grad_norm > clip:
-                scale = clip / (self.grad_norm + 1e-6)
+            if self._clip > 0 and math.isfinite(self.grad_norm) and self.grad_norm > self._clip:
+                scale = self._clip / (self.grad_norm + 1e-6)
                 for p in params:
                     p.grad.mul_(scale)
             return original_step(*args, **kwargs)
 
         inner.step = clipped_step
-        self.step = 0
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
 
     def _global_norm(self, params: list[torch.Tensor]) -> float:
         import torch.distributed as dist
@@ -185,11 +190,6 @@ class PipelineEngine:
         if self.backend.global_world > 1:
             dist.all_reduce(local, group=self._clip_group)  # None = every rank (ZeRO-1 partitions)
         return float(local.sqrt())
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _items(self, micro_batches: Sequence[Batch]) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
         """DeepSpeed's ``(inputs, labels)`` per micro-batch, prepared on the host and staged on the device.
@@ -210,108 +210,60 @@ class PipelineEngine:
         return [tuple(tuple(t.pin_memory().to(self.device, non_blocking=True) for t in part) for part in item)
                 for item in items]
 
-    # -- one optimizer step --
-    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
+    # -- the runner's contract --
+    def loss_multiplier(self, micro_batches: int) -> float:
+        return float(micro_batches * self.backend.world_size)  # DeepSpeed divides by GA and averages over DP
+
+    def forward_backward(self, window, autocast) -> None:
+        micro_batches = window.micro_batches
         if len(micro_batches) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"pipeline: got {len(micro_batches)} micro-batches, DeepSpeed was configured for "
                              f"{self.engine.gradient_accumulation_steps()} (train.grad_accum)")
         if any(b.size == 0 for b in micro_batches):
             raise UserError("pipeline: a micro-batch lost every sample to data errors; the pipeline schedule "
                             "cannot run an empty micro-batch. Fix or drop the bad records (see skipped.jsonl)")
-        lr = self.lr_schedule(self.step)
-        set_lr(self.optimizer, lr)
-        counts = self.backend.all_reduce(count_window(micro_batches)) / self.backend.num_stages
-        global_tokens, global_samples, global_nonempty = counts.tolist()
-        ga, dp = len(micro_batches), self.backend.world_size
-        denominator = global_tokens if self.settings.loss_reduction == "token" else global_nonempty
-        self.loss.scale = ga * dp / max(denominator, 1.0)
         self.engine.train()
-        self.model.train()
         self.transfers.expect(tuple(b.input_ids.shape) for b in micro_batches)
-        with self._autocast():
-            loss = self.engine.train_batch(data_iter=iter(self._items(micro_batches)))
-        self.step += 1
-        return {"loss": float(loss), "lr": lr, "grad_norm": self.grad_norm, "tokens": global_tokens,
-                "samples": global_samples}
+        self.loss.window = window
+        try:
+            with autocast():
+                self.engine.train_batch(data_iter=iter(self._items(micro_batches)))  # forward, backward, step
+        finally:
+            self.loss.window = None
 
-    @torch.no_grad()
-    def eval_loss(self, batch: Batch) -> tuple[float, int]:
-        """This pipeline's summed loss (averaged over data-parallel pipelines) and its token count."""
-        if batch.size == 0:
-            return 0.0, 0
-        self.loss.scale = 1.0
+    def apply(self, clip: float, scaler) -> float:
+        return self.grad_norm  # the step ran inside train_batch, clipped there at train.grad_clip
+
+    def eval_forward(self, batch: Batch):
         self.engine.eval()
         self.transfers.expect([tuple(batch.input_ids.shape)])
-        with self._autocast():
-            loss = self.engine.eval_batch(iter(self._items([batch])), num_micro_batches=1)
+        loss = self.engine.eval_batch(iter(self._items([batch])), num_micro_batches=1)
         return float(loss), batch.num_tokens
 
-    # -- state by parameter name, gathered from every stage --
-    def state_dict(self) -> dict[str, Any]:
-        """A collective: call on every rank; every rank gets the whole state."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        zero = self.backend.cfg.zero_stage
-        mine: dict[str, Any] = {"model": {}, "state": {}, "groups": []}
-        if zero == 0:
-            named = named_optimizer_state(self.optimizer)
-            mine["state"] = {k: {n: v.cpu() for n, v in s.items()} for k, s in named["state"].items()}
-            mine["groups"] = named["param_groups"]
-            mine["model"] = {n: p.detach().cpu().clone() for n, p in self.named_trainable}
-        else:
-            relink_zero_state(self.optimizer)
-            step = torch.tensor(float(self.step))
-            for name, param in self.named_trainable:
-                mine["model"][name] = safe_get_full_fp32_param(param).cpu().clone()
-                entry = {k: v.cpu().clone() for k in _MOMENTS
-                         if (v := safe_get_full_optimizer_state(param, k)) is not None}
-                if entry:
-                    mine["state"][name] = {"step": step.clone(), **entry}
-            mine["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        if self.backend.rank != 0:  # one copy per stage
-            mine = {"model": {}, "state": {}, "groups": []}
+    def gather_state(self, step: int) -> dict[str, Any]:
+        """A collective: every rank gets every stage's state (one copy per stage: data-parallel rank 0's)."""
+        mine = gather_named_state(self.optimizer, self.named_trainable, self.backend.cfg.zero_stage, step)
+        if self.backend.rank != 0:
+            mine = {"model": {}, "optimizer": {"state": {}, "param_groups": []}}
         model, state, groups = {}, {}, []
         for theirs in self.backend.all_gather_object(mine):
             model.update(theirs["model"])
-            state.update(theirs["state"])
-            for i, group in enumerate(theirs["groups"]):
+            state.update(theirs["optimizer"]["state"])
+            for i, group in enumerate(theirs["optimizer"]["param_groups"]):
                 if i == len(groups):
                     groups.append({**group, "names": list(group["names"])})
                 else:
                     groups[i]["names"].extend(group["names"])
-        return {"model": model, "optimizer": {"state": state, "param_groups": groups}, "step": self.step}
+        return {"model": model, "optimizer": {"state": state, "param_groups": groups}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         """Take this stage's tensors (by name) from a full state of any backend."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        load_named_state(self.optimizer, self.named_trainable, state, self.backend.cfg.zero_stage, self.device)
 
-        all_trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        missing = sorted(all_trainable - set(state["model"]))
-        unexpected = sorted(set(state["model"]) - all_trainable)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match this model's trainable parameters: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}")
-        saved = state["optimizer"]["state"]
-        zero = self.backend.cfg.zero_stage
-        if zero == 1:
-            relink_zero_state(self.optimizer)
-        for name, param in self.named_trainable:
-            if zero == 0:
-                with torch.no_grad():
-                    param.copy_(state["model"][name])
-                if name in saved:
-                    self.optimizer.state[param] = {k: (v.to(self.device) if k != "step" else v.clone())
-                                                   for k, v in saved[name].items()}
-            else:
-                value = state["model"][name].to(self.device).float()
-                safe_set_full_fp32_param(param, value)  # the optimizer's fp32 partition and the weights
-                with torch.no_grad():
-                    param.data.copy_(value)
-                for key in _MOMENTS:
-                    if name in saved and key in saved[name]:
-                        safe_set_full_optimizer_state(param, saved[name][key].to(self.device).float(), key)
-        for mine, theirs in zip(self.optimizer.param_groups, state["optimizer"]["param_groups"]):
-            for key in ("betas", "eps", "weight_decay"):
-                if key in theirs:
-                    mine[key] = theirs[key]
-        self.step = int(state["step"])
+
+def _build(cfg: PipelineConfig, ctx: BuildContext) -> PipelineBackend:
+    return PipelineBackend(cfg, device_preference(ctx))
+
+
+SPECS = [ComponentSpec("pipeline", PipelineConfig, _build,
+                       "DeepSpeed pipeline parallel (N stages x data parallel), cost-based or explicit stage map")]
