@@ -42,6 +42,9 @@ class MLLM(nn.Module):
     """A multimodal LLM composed of parts; ``trainable`` says which parts train (others frozen, eval),
     ``precision`` what the vision encoder and each bridge compute in (``"fp32"`` when not given)."""
 
+    loss_logits: str = "labelled"
+    """``[train] loss_logits``: ``"all"`` computes the head at every position, as the seed did."""
+
     def __init__(self, vision: nn.Module, bridges: Sequence[nn.Module], llm: nn.Module,
                  trainable: dict[str, bool] | None = None, precision: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -192,8 +195,13 @@ class MLLM(nn.Module):
         ``targets`` of :func:`labelled_rows`, computed here from ``labels`` unless given)."""
         if rows is None or targets is None:
             rows, targets = labelled_rows(labels)
-        return LossOutput(loss_sum=loss_at_rows(hidden, rows, targets, self.llm.logits),
-                          num_tokens=torch.full((), rows.numel(), device=hidden.device))
+        if self.loss_logits == "all":  # the seed's cost: fp32 logits at every position, then the labelled ones
+            logits = self.llm.logits(hidden).float()
+            loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, rows), targets,
+                                       reduction="sum")
+        else:
+            loss_sum = loss_at_rows(hidden, rows, targets, self.llm.logits)
+        return LossOutput(loss_sum=loss_sum, num_tokens=torch.full((), rows.numel(), device=hidden.device))
 
 
 def set_trainable(part: nn.Module, trainable: bool) -> None:

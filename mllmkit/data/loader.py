@@ -27,10 +27,12 @@ def loader_seed(seed: int, epoch: int) -> int:
 
 def load_micro_batches(samples: EncodedDataset, micro_batches: Sequence[Sequence[tuple[int, int, int]]],
                        collate: Callable[[Sequence[EncodedSample | Skip]], Batch], num_workers: int,
-                       seed: int) -> Iterator[Batch]:
-    """Batches of ``micro_batches`` (lists of draws) in order; raises a failed sample under ``on_error = "fail"``."""
+                       seed: int, pin_memory: bool = False) -> Iterator[Batch]:
+    """Batches of ``micro_batches`` (lists of draws) in order; raises a failed sample under ``on_error = "fail"``.
+    ``pin_memory``: batches in page-locked memory (:meth:`Batch.pin_memory`), copied to a GPU without a wait."""
     loader = torch.utils.data.DataLoader(samples, batch_sampler=[list(m) for m in micro_batches], collate_fn=collate,
-                                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                                         pin_memory=pin_memory)
     for batch in loader:
         if samples.on_error == "fail" and batch.skips:
             raise batch.skips[0].error()

@@ -33,6 +33,9 @@ class DataSection:
     num_workers: int = attrs.field(default=0, validator=non_negative)
     group_by_length: bool = False
     """Batch samples of similar length together (less padding)."""
+    pad_to_multiple: int = attrs.field(default=1, validator=positive)
+    """Pad each micro-batch to a multiple of this many tokens (fewer shapes for the GPU's kernels; pads
+    are unlabelled, so the loss is unchanged)."""
     augment: bool = True
     """Training images get the encoder's training transform (random crops); false = its eval transform."""
     system: str | None = None
@@ -65,6 +68,15 @@ class TrainSection:
     max_text_len: int = attrs.field(default=256, validator=positive)
     loss_reduction: Literal["token", "sample"] = "token"
     """token: mean over every labelled token of the optimizer step; sample: the seed's per-micro-batch mean."""
+    loss_logits: Literal["labelled", "all"] = "labelled"
+    """Where the LLM head runs: only at labelled positions, or at every position as the seed did (same
+    loss, more time and memory: for comparing with the seed)."""
+    cache_features: bool = False
+    """Compute the frozen vision encoder's (and frozen leading bridges') features once per image and reuse
+    them every epoch; needs a frozen encoder and ``[data] augment = false``."""
+    feature_cache: Literal["memory", "disk"] = "memory"
+    """Where cached features live: the training device's memory for this run, or also
+    ``<run>/feature_cache/<fingerprint>/`` on disk, read back by a resumed or repeated run."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Autocast precision for the forward pass (fp32 turns autocast off)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
