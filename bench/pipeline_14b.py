@@ -13,8 +13,8 @@ samples/s and peak memory per stage; unless --no-profile, one more step per rank
 NCCL kernel time; op tables in bench/results/logs/). Per-stage partition (cost model) is stored too. If the whole model does not fit
 one GPU the single run reports the out-of-memory error instead.
 
-The GPU box has no deepspeed/tomli installed: install the wheelhouse of
-``../shared/tools/device-wheels.sh`` into a folder on PYTHONPATH first. Plugins are registered
+The GPU box has no deepspeed/tomli installed: install wheels of them (``pip download`` on a
+machine with network) into a folder on PYTHONPATH first. Plugins are registered
 explicitly (no entry points needed).
 """
 

@@ -19,7 +19,7 @@ from mllmkit.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX", "IMAGE_MARKER", "IMAGE_SPAN", "Message", "Piece", "Encoded", "ChatTemplate",
-    "SampleTooLong", "text_pieces", "encode_pieces", "count_images",
+    "SampleTooLong", "text_pieces", "encode_pieces",
 ]
 
 IGNORE_INDEX = -100
@@ -79,10 +79,6 @@ class ChatTemplate(Protocol):
     def pieces(self, messages: Sequence[Message], tokens_per_image: int, *, system: str | None = None,
                add_generation_prompt: bool = False) -> list[Piece]:
         """The conversation as pieces; with ``add_generation_prompt`` it ends with the assistant header."""
-
-
-def count_images(text: str) -> int:
-    return text.count(IMAGE_MARKER)
 
 
 def text_pieces(text: str, encode_plain: Callable[[str], list[int]], image_token_id: int,

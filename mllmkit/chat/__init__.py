@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mllmkit.chat.session import ChatSession
-from mllmkit.chat.settings import GenerationSettings
+from mllmkit.generation_settings import GenerationSettings
 
 __all__ = ["ChatSession", "GenerationSettings", "chat_session"]
 

@@ -2,7 +2,8 @@
 
 Reads its input line by line (a terminal or a pipe). A line starting with ``:`` is a command (see
 :data:`HELP`); any other non-empty line is a question, answered as it is generated. Mistakes (a
-wrong image path, a bad ``:conf`` value) print an ``error:`` line and the loop goes on.
+wrong image path, an image file that cannot be read, a bad ``:conf`` value) print an ``error:`` line
+and the loop goes on; with piped input the command then exits with code 2.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from collections.abc import Callable
 from typing import TextIO
 
 from mllmkit.chat.session import ChatSession
-from mllmkit.chat.settings import GenerationSettings
 from mllmkit.errors import UserError
+from mllmkit.generation_settings import GenerationSettings
 
 __all__ = ["HELP", "run_repl"]
 
@@ -135,8 +136,7 @@ class _Repl:
             name, _, arg = line[1:].partition(" ")
             handler = self.commands.get(name.strip())
             if handler is None:
-                self.say(f"error: unknown command {line.split()[0]!r}; :help lists the commands")
-                return True
+                raise UserError(f"unknown command {line.split()[0]!r}; :help lists the commands")
             return handler(arg.strip())
         pieces = self.session.stream(line)
         first = next(pieces, "")  # errors (e.g. a question too long for the window) come before any output
@@ -151,16 +151,21 @@ class _Repl:
 
 def run_repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
              images: tuple[str, ...] = ()) -> int:
-    """Run the loop until ``:quit`` or end of input; ``images`` are added first. Returns 0."""
+    """Run the loop until ``:quit`` or end of input; ``images`` are added first.
+
+    Returns 0, or 2 when input that is not a terminal (a pipe, a file) had a line that failed, so a
+    script sees that a question went unanswered; at a terminal the person saw the error already."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     interactive = stdin.isatty() and stdout.isatty()
     repl = _Repl(session, stdout, color=interactive)
+    failed = False
     for path in images:
         try:
             repl.add_image(path)
         except UserError as exc:
             repl.say(f"error: {exc}")
+            failed = True
     if interactive:
         repl.say("Type a question, or :help for commands.")
     while True:
@@ -175,4 +180,5 @@ def run_repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
                 break
         except UserError as exc:
             repl.say(f"error: {exc}")
-    return 0
+            failed = True
+    return 2 if failed and not interactive else 0

@@ -19,13 +19,12 @@ reused in every later turn. An image is written into the user turn where it was 
 one ``<ImageHere>`` per new image). The prompt keeps as many of the latest turns as fit in
 ``max_window_tokens``, image tokens included; the oldest turns go first, whole, so an image span is
 never cut. Generation is greedy by default; sampling (temperature, top-k, top-p), repetition penalty
-and beam search come from :class:`~mllmkit.chat.settings.GenerationSettings`; answers end at the
+and beam search come from :class:`~mllmkit.generation_settings.GenerationSettings`; answers end at the
 template's stop tokens.
 """
 
 from __future__ import annotations
 
-import pathlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -33,9 +32,9 @@ from typing import Any
 import attrs
 import torch
 
-from mllmkit.chat.settings import GenerationSettings
 from mllmkit.chat.streaming import QueueStreamer, cut_at_stop
 from mllmkit.errors import UserError
+from mllmkit.generation_settings import GenerationSettings
 from mllmkit.template import IMAGE_MARKER, IMAGE_SPAN, encode_pieces
 
 __all__ = ["ChatImage", "ChatSession", "PromptTooLong", "Turn", "load_image"]
@@ -63,19 +62,10 @@ class Turn:
 
 
 def load_image(image: Any):
-    """A PIL RGB image from a path or a PIL image; unreadable input is a :class:`UserError`."""
-    from PIL import Image, UnidentifiedImageError
+    """A PIL RGB image from a path or a PIL image; any unusable file is a :class:`UserError` naming it."""
+    from mllmkit.data.images import read_image
 
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = pathlib.Path(image)
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as handle:
-            return handle.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    return read_image(image)
 
 
 class ChatSession:

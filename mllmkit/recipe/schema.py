@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 import attrs
 
-from mllmkit.chat.settings import GenerationSettings
 from mllmkit.config import non_negative, positive
+from mllmkit.generation_settings import GenerationSettings
 
-__all__ = ["ModelSection", "DataSection", "TrainSection", "ChatSection", "RecipeSchema"]
+__all__ = ["ModelSection", "DataSection", "TrainSection", "ChatSection", "EvalSection", "RecipeSchema"]
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +104,20 @@ class ChatSection(GenerationSettings):
 
 
 @attrs.frozen(kw_only=True)
+class EvalSection:
+    """``[eval]``: evaluation tasks run at ``train.eval_every`` and at the end of training (``[[eval.tasks]]``
+    tables: ``type`` plus the task's options), and which export to keep as the best."""
+
+    tasks: list[dict] = attrs.Factory(list)
+    batch_size: int = attrs.field(default=8, validator=positive)
+    """Questions answered together (left-padded greedy decoding)."""
+    best_metric: str | None = None
+    """Keep the export with the best value of this metrics.jsonl key (``eval_accuracy``, ``pope/f1``, ...) in
+    ``<run>/best/``."""
+    best_mode: Literal["max", "min"] = "max"
+
+
+@attrs.frozen(kw_only=True)
 class RecipeSchema:
     """The top level of a recipe file (after ``extends`` merging)."""
 
@@ -112,4 +126,5 @@ class RecipeSchema:
     train: TrainSection = attrs.Factory(TrainSection)
     parallel: dict = attrs.Factory(lambda: {"type": "single"})
     chat: ChatSection = attrs.Factory(ChatSection)
+    eval: EvalSection = attrs.Factory(EvalSection)
     extends: Any = None

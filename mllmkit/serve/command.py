@@ -86,7 +86,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from mllmkit.chat.settings import GenerationSettings
+    from mllmkit.generation_settings import GenerationSettings
     from mllmkit.serve.engine import Engine
 
     _check(args)

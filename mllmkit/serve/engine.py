@@ -14,6 +14,7 @@ back to the job's event loop as :class:`Delta` events, then one :class:`Done` (o
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -22,9 +23,9 @@ from collections.abc import Callable, Sequence
 import attrs
 import torch
 
-from mllmkit.chat.settings import GenerationSettings
 from mllmkit.chat.streaming import IncrementalDecoder
 from mllmkit.generation_batch import BatchRow, generate_batch
+from mllmkit.generation_settings import GenerationSettings
 from mllmkit.serve.errors import APIError
 from mllmkit.serve.prompt import Prompt
 
@@ -136,6 +137,8 @@ class Engine:
         self.transform = model.vision.image_transform(False)
         self.device = model.llm.embedding.weight.device
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        """How many batches of each size were decoded (requests per batch)."""
         self._worker: threading.Thread | None = None
         self._closing = False
 
@@ -222,6 +225,7 @@ class Engine:
             rows.append(row)
             texts.append(text)
             ready.append(job)
+        self.batch_sizes[len(rows)] += 1
         try:
             results = generate_batch(self.model.llm, rows)
         except Exception as exc:  # noqa: BLE001 - reported to every request of the batch; the server goes on

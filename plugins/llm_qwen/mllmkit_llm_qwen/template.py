@@ -1,4 +1,4 @@
-"""The ChatML chat template exactly as MiniGPT4Qwen trains and chats (SPEC §1.8, §1.9).
+"""The ChatML chat template exactly as MiniGPT4Qwen trains and chats (its ``finetune`` preprocessing).
 
 Layout: ``<|im_start|>`` "system" "\\n" system ``<|im_end|>`` "\\n", then per turn ``<|im_start|>``
 "user" "\\n" content ``<|im_end|>`` "\\n" / ``<|im_start|>`` "assistant" "\\n" answer ``<|im_end|>``

@@ -1,6 +1,6 @@
 """Fixtures: tiny random checkpoints in LAVIS ``eva_vit_g.pth`` format, key names from the manifest.
 
-``data/eva_vit_g.tsv`` is a copy of the key manifest of the real file (shared/formats/eva_vit_g.tsv):
+``data/eva_vit_g.tsv`` is the key manifest of the real LAVIS file:
 every key, its full-size shape, and whether BLIP-2's 39-block model uses it.
 """
 
