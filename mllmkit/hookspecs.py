@@ -46,10 +46,20 @@ def mllmkit_register_parallel_backends() -> list[ComponentSpec]:
     """Parallel backends: ``build(config, context)`` returns a :class:`~mllmkit.interfaces.ParallelBackend`."""
 
 
+@hookspec
+def mllmkit_register_eval_tasks() -> list[ComponentSpec]:
+    """Evaluation tasks: ``build(config, context)`` returns a :class:`~mllmkit.eval.task.EvalTask`.
+
+    ``config`` extends :class:`~mllmkit.eval.task.EvalTaskConfig` (``data``, ``limit``, ``prompt``,
+    ``max_new_tokens``); ``context.recipe`` and ``context.model`` are the recipe and the model under test.
+    """
+
+
 HOOK_KINDS: dict[str, str] = {
     "mllmkit_register_vision_encoders": "vision",
     "mllmkit_register_bridges": "bridge",
     "mllmkit_register_llms": "llm",
     "mllmkit_register_datasets": "dataset",
     "mllmkit_register_parallel_backends": "parallel",
+    "mllmkit_register_eval_tasks": "eval_task",
 }

@@ -16,7 +16,7 @@ from mllmkit.errors import UserError
 
 __all__ = ["KINDS", "ComponentSpec", "Registry", "DuplicateComponentError", "UnknownComponentError"]
 
-KINDS: tuple[str, ...] = ("vision", "bridge", "llm", "dataset", "parallel")
+KINDS: tuple[str, ...] = ("vision", "bridge", "llm", "dataset", "parallel", "eval_task")
 
 
 @attrs.frozen

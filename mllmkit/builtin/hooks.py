@@ -34,3 +34,10 @@ def mllmkit_register_exporters() -> list[ExportSpec]:
     from mllmkit.builtin.export import SPECS
 
     return SPECS
+
+
+@hookimpl
+def mllmkit_register_eval_tasks() -> list[ComponentSpec]:
+    from mllmkit.eval.tasks import SPECS
+
+    return SPECS

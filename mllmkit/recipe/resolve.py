@@ -15,7 +15,7 @@ import attrs
 
 from mllmkit.errors import RecipeError, UserError
 from mllmkit.recipe.load import apply_overrides, read_recipe_data
-from mllmkit.recipe.schema import ChatSection, DataSection, RecipeSchema, TrainSection
+from mllmkit.recipe.schema import ChatSection, DataSection, EvalSection, RecipeSchema, TrainSection
 from mllmkit.recipe.structure import structure, unstructure
 from mllmkit.registry import ComponentSpec, Registry
 
@@ -51,6 +51,9 @@ class Recipe:
     data: DataSection
     train: TrainSection
     chat: ChatSection
+    eval: EvalSection = attrs.Factory(EvalSection)
+    eval_tasks: list[Component] = attrs.Factory(list)
+    """The ``[[eval.tasks]]`` tables, resolved (kind ``eval_task``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, defaults filled in (what ``mllmkit print-config`` prints)."""
@@ -64,13 +67,14 @@ class Recipe:
             "train": unstructure(self.train),
             "parallel": self.parallel.to_dict(),
             "chat": unstructure(self.chat),
+            "eval": {**unstructure(self.eval), "tasks": [c.to_dict() for c in self.eval_tasks]},
         }
 
     def missing_inputs(self) -> list[str]:
         """``key: not found: path`` for every file or folder a model part or dataset names that is not
         there (weights, LLM folders, annotations, image folders), so a run can stop before it starts."""
         missing = []
-        for component in [self.vision, *self.bridges, self.llm, *self.train_data, *self.eval_data]:
+        for component in [self.vision, *self.bridges, self.llm, *self.train_data, *self.eval_data, *self.eval_tasks]:
             for field in attrs.fields(type(component.config)):
                 value = getattr(component.config, field.name)
                 if isinstance(value, pathlib.Path) and not value.exists():
@@ -127,6 +131,8 @@ def _components(kind: str, tables: Any, key: str, folder: pathlib.Path, registry
 
 
 def _resolve(data: dict[str, Any], path: pathlib.Path | None, folder: pathlib.Path, registry: Registry) -> Recipe:
+    from mllmkit.eval.section import resolve_eval_tasks
+
     if "model" not in data:
         raise RecipeError("model", "required: a recipe needs [model.vision], [[model.bridges]] and [model.llm]")
     schema: RecipeSchema = structure(RecipeSchema, data, "", folder)  # pass 1
@@ -143,4 +149,6 @@ def _resolve(data: dict[str, Any], path: pathlib.Path | None, folder: pathlib.Pa
         data=schema.data,
         train=schema.train,
         chat=schema.chat,
+        eval=schema.eval,
+        eval_tasks=resolve_eval_tasks(schema.eval.tasks, folder, registry),
     )

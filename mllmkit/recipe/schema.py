@@ -118,6 +118,20 @@ class EvalSection:
 
 
 @attrs.frozen(kw_only=True)
+class EvalSection:
+    """``[eval]``: evaluation tasks run at ``train.eval_every`` and at the end of training (``[[eval.tasks]]``
+    tables: ``type`` plus the task's options), and which export to keep as the best."""
+
+    tasks: list[dict] = attrs.Factory(list)
+    batch_size: int = attrs.field(default=8, validator=positive)
+    """Questions answered together (left-padded greedy decoding)."""
+    best_metric: str | None = None
+    """Keep the export with the best value of this metrics.jsonl key (``eval_accuracy``, ``pope/f1``, ...) in
+    ``<run>/best/``."""
+    best_mode: Literal["max", "min"] = "max"
+
+
+@attrs.frozen(kw_only=True)
 class RecipeSchema:
     """The top level of a recipe file (after ``extends`` merging)."""
 
