@@ -6,15 +6,17 @@ A component table is ``type = "<name>"`` plus that component's options; pass 2
 
 from __future__ import annotations
 
+import math
 import pathlib
+import re
 from typing import Any, Literal
 
 import attrs
 
-from mllmkit.config import non_negative, positive
+from mllmkit.config import ConfigValueError, non_negative, positive
 from mllmkit.generation_settings import GenerationSettings
 
-__all__ = ["ModelSection", "DataSection", "TrainSection", "ChatSection", "EvalSection", "RecipeSchema"]
+__all__ = ["check_betas", "check_lr_scale_values", "finite", "ModelSection", "DataSection", "TrainSection", "ChatSection", "EvalSection", "RecipeSchema"]
 
 
 @attrs.frozen(kw_only=True)
@@ -42,6 +44,29 @@ class DataSection:
     """System prompt for training and evaluation; unset uses the LLM template's default."""
 
 
+def finite(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ConfigValueError(attribute.name, f"expected a finite number, found {value!r}")
+
+
+def check_betas(betas: tuple[float, ...]) -> None:
+    """``train.betas``: two numbers in [0, 1)."""
+    if len(betas) != 2:
+        raise ConfigValueError("betas", f"expected two numbers [beta1, beta2], found {len(betas)}: {list(betas)}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigValueError(f"betas[{i}]", f"expected a value in [0, 1), found {beta!r}")
+
+
+def check_lr_scale_values(lr_scale: dict[str, float]) -> None:
+    """``train.lr_scale``: keys name parts (vision, bridges, bridges.N, llm), values are finite and >= 0."""
+    for key, value in lr_scale.items():
+        if not re.fullmatch(r"vision|bridges|bridges\.\d+|llm", key):
+            raise ConfigValueError(f"lr_scale.{key}", "unknown part; keys are vision, bridges, bridges.N or llm")
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigValueError(f"lr_scale.{key}", f"expected a finite value >= 0, found {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class TrainSection:
     output_dir: pathlib.Path | None = None
@@ -50,16 +75,17 @@ class TrainSection:
     epochs: int = attrs.field(default=1, validator=positive)
     max_steps: int | None = attrs.field(default=None, validator=positive)
     """Stop after this many optimizer steps (overrides epochs when set)."""
-    lr: float = attrs.field(default=1e-4, validator=positive)
+    lr: float = attrs.field(default=1e-4, validator=[positive, finite])
     min_lr: float = attrs.field(default=0.0, validator=non_negative)
     warmup_steps: int = attrs.field(default=0, validator=non_negative)
     """Linear warmup length, counted in optimizer steps."""
     warmup_lr: float = attrs.field(default=0.0, validator=non_negative)
     weight_decay: float = attrs.field(default=0.05, validator=non_negative)
-    lr_scale: dict[str, float] = attrs.Factory(dict)
+    lr_scale: dict[str, float] = attrs.field(factory=dict, validator=lambda _, __, value: check_lr_scale_values(value))
     """Learning-rate multipliers by part, e.g. ``{vision = 0.3, llm = 1.0}``: keys are ``vision``,
     ``bridges``, ``bridges.N`` or ``llm`` (the longest matching one applies); unlisted parts get 1."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=lambda _, __, value: check_betas(value))
+    """AdamW's two moment decays, each in [0, 1)."""
     eps: float = attrs.field(default=1e-8, validator=positive)
     grad_clip: float = attrs.field(default=1.0, validator=non_negative)
     """Clip the global gradient norm to this (0 = off); correct under fp16 loss scaling."""
@@ -101,20 +127,6 @@ class ChatSection(GenerationSettings):
     checkpoint: pathlib.Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-
-
-@attrs.frozen(kw_only=True)
-class EvalSection:
-    """``[eval]``: evaluation tasks run at ``train.eval_every`` and at the end of training (``[[eval.tasks]]``
-    tables: ``type`` plus the task's options), and which export to keep as the best."""
-
-    tasks: list[dict] = attrs.Factory(list)
-    batch_size: int = attrs.field(default=8, validator=positive)
-    """Questions answered together (left-padded greedy decoding)."""
-    best_metric: str | None = None
-    """Keep the export with the best value of this metrics.jsonl key (``eval_accuracy``, ``pope/f1``, ...) in
-    ``<run>/best/``."""
-    best_mode: Literal["max", "min"] = "max"
 
 
 @attrs.frozen(kw_only=True)
