@@ -1,0 +1,35 @@
+"""Shared pieces of LLM export specs for transformers causal LMs wrapped in :class:`~mllmkit.hf_llm.HFCausalLM`.
+
+The wrapper keeps the transformers model as ``hf_model``, so its names map onto Blip2's
+``language_model.`` by one prefix rule each way; the text config is the model's own config with the
+template's stop and pad ids, so ``Blip2ForConditionalGeneration.generate`` stops where chat stops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mllmkit.export.spec import Table
+
+__all__ = ["CAUSAL_LM_KEYS", "CAUSAL_LM_REVERSE", "causal_lm_config", "meta_causal_lm"]
+
+CAUSAL_LM_KEYS = Table(rules=[(r"hf_model\.(.+)", r"language_model.\1")])
+CAUSAL_LM_REVERSE = Table(rules=[(r"language_model\.(.+)", r"hf_model.\1")])
+
+
+def causal_lm_config(llm: Any) -> dict[str, Any]:
+    """``text_config``: the wrapped model's config, eos = the template's stop ids, its pad id, no bos."""
+    config = llm.hf_model.config.to_dict()
+    config.update(eos_token_id=list(llm.template.stop_token_ids), pad_token_id=llm.template.pad_token_id)
+    for key in ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"):
+        config.pop(key, None)
+    return {"text_config": config}
+
+
+def meta_causal_lm(model_cls: type, text_config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """``model_cls(text_config)`` on the meta device in ``dtype`` (weights are loaded by the caller)."""
+    from mllmkit.hf_llm import new_hf_model
+
+    return new_hf_model(model_cls, text_config, dtype, device="meta")
