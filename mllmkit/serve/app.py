@@ -89,6 +89,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, i
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError) -> JSONResponse:
         return _error_response(APIError(400, str(exc)))
@@ -146,21 +150,18 @@ def _usage(done: Done) -> dict[str, int]:
 
 
 async def _complete(job: Job, ident: str, created: int, model: str) -> JSONResponse:
-    text = []
     try:
         while True:
             event = await job.events.get()
-            if isinstance(event, Delta):
-                text.append(event.text)
-            elif isinstance(event, Failed):
+            if isinstance(event, Failed):
                 return _error_response(event.error)
-            else:
+            if isinstance(event, Done):
                 break
     finally:
         job.cancelled.set()  # no-op once done; ends the row if the client went away
     return JSONResponse({
         "id": ident, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
                      "logprobs": None, "finish_reason": event.finish_reason}],
         "usage": _usage(event),
     })

@@ -43,8 +43,10 @@ class Delta:
 
 @attrs.frozen
 class Done:
-    """The answer is complete: why it ended (``stop`` or ``length``) and the token counts."""
+    """The answer is complete: its whole text (decoded at once, cut at the first stop string), why it
+    ended (``stop`` or ``length``) and the token counts."""
 
+    text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -84,9 +86,11 @@ class Job:
 
 class _Text:
     """A job's answer text: decoded incrementally, cut at the first stop string, held back while it may
-    still be the start of one."""
+    still be the start of one. (Streamed pieces can differ from :meth:`whole` where the tokens are
+    not valid UTF-8: a replacement character is never taken back once sent.)"""
 
     def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str]) -> None:
+        self.decode = decode
         self.decoder = IncrementalDecoder(decode)
         self.stops = tuple(stops)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
@@ -97,6 +101,12 @@ class _Text:
     def push(self, token: int) -> str:
         """The text that ``token`` makes safe to send."""
         return self._add(self.decoder.push([token]))
+
+    def whole(self) -> str:
+        """The answer decoded at once and cut at its first stop string."""
+        text = self.decode(self.decoder.ids)
+        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        return text[:min(found)] if found else text
 
     def finish(self) -> str:
         """The text still held back when the answer ends."""
@@ -238,4 +248,4 @@ class Engine:
             if tail:
                 job.emit(Delta(tail))
             reason = "length" if result.finish_reason == "length" else "stop"
-            job.emit(Done(reason, len(job.prompt.ids), len(result.tokens)))
+            job.emit(Done(text.whole(), reason, len(job.prompt.ids), len(result.tokens)))

@@ -137,6 +137,6 @@ def build_prompt(model, messages: Sequence[Message], *, system: str | None, max_
         raise APIError(400, str(exc).replace("raise chat.max_window_tokens",
                                                    "start the server with --set chat.max_window_tokens=N"), param="messages",
                        code="context_length_exceeded") from None
-    pictures = [read_image_url(*images[i], limits) for i in kept]
+    pictures = [read_image_url(images[i][0], limits, images[i][1]) for i in kept]
     pixels = torch.stack([transform(picture) for picture in pictures]) if pictures else None
     return Prompt(ids=ids, pixels=pixels)
