@@ -49,7 +49,7 @@ def recipe(tiny: bool, *, llm_preset: str = "qwen7b_chat", eva_weights: pathlib.
         "vision": vision,
         "bridges": [{"type": "qformer_tiny" if tiny else "qformer", "precision": qformer_precision},
                     {"type": "linear"}],
-        "llm": {"type": "qwen", "preset": "qwen_tiny" if tiny else llm_preset, "dtype": "fp32" if tiny else "bf16",
+        "llm": {"type": "qwen", "preset": "qwen_tiny" if tiny else llm_preset, "precision": "fp32" if tiny else "bf16",
                 "device_map": device, "gradient_checkpointing": grad_ckpt},
     }}
 

@@ -2,7 +2,10 @@
 
 ``check_wiring`` asks each model part for its widths (``ComponentSpec.dims``) and verifies the chain
 vision → bridges → LLM hidden size before any weight is read. ``assemble`` builds the parts in order,
-handing each bridge the previous width and the LLM's. ``build`` makes one component by name.
+handing each bridge the previous width and the LLM's, and applies the keys every part shares
+(:mod:`mllmkit.recipe.shared`) itself: the dtype builders read weights into, the precision layout of
+vision encoders and bridges (:mod:`mllmkit.precision`), gradient checkpointing, and freezing.
+``build`` makes one component by name, the same way.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import torch
 
+from mllmkit.config import torch_dtype
 from mllmkit.errors import RecipeError
 from mllmkit.interfaces import BuildContext, PartDims
+from mllmkit.precision import effective_precision, layout_for_autocast, resolve_device
 from mllmkit.recipe import Component, Recipe, load_recipe
-from mllmkit.recipe.structure import structure
+from mllmkit.recipe.resolve import resolve_component
+from mllmkit.recipe.shared import PartKeys
 
 __all__ = ["Wiring", "check_wiring", "assemble", "build"]
 
@@ -62,30 +69,66 @@ def _check_wiring(recipe: Recipe) -> Wiring:
     return Wiring(vision=vision, bridges=bridges, llm=llm, contexts=contexts)
 
 
-def _trainable(component: Component, default: bool) -> bool:
-    return bool(getattr(component.config, "trainable", default))
+def _with_precision(component: Component, context: BuildContext, device: torch.device) -> tuple[BuildContext, str]:
+    """The context a model part is built with (``dtype``, ``device``) and the precision it runs in."""
+    precision = effective_precision(component.shared.precision, device, component.key)
+    stored = "fp32" if component.shared.trainable and component.kind != "llm" else precision
+    return attrs.evolve(context, dtype=torch_dtype(stored), device=device), precision
 
 
-def assemble(recipe: Recipe | str | pathlib.Path | Mapping[str, Any]):
-    """Build the recipe's model: vision encoder, bridge chain, LLM, with its freeze policy."""
+def _build_part(component: Component, context: BuildContext) -> Any:
+    """Build a model part and apply the shared keys but ``trainable`` (the MLLM's freeze policy applies it)."""
+    part = component.spec.build(component.config, context)
+    if component.kind != "llm":
+        layout_for_autocast(part, context.dtype)
+    if isinstance(component.shared, PartKeys) and component.shared.gradient_checkpointing:
+        switch = getattr(part, "gradient_checkpointing", None)
+        if not callable(switch):
+            raise RecipeError(f"{component.key}.gradient_checkpointing",
+                              f"{component.type} cannot recompute its activations (it has no "
+                              f"gradient_checkpointing method); set it to false")
+        switch(True)
+    return part
+
+
+def assemble(recipe: Recipe | str | pathlib.Path | Mapping[str, Any], device: str | torch.device | None = None):
+    """Build the recipe's model to run on ``device`` (default: the recipe's ``train.device``): vision
+    encoder, bridge chain, LLM, each in its precision, with the recipe's freeze policy."""
     from mllmkit.model import MLLM
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     wiring = check_wiring(recipe)
-    vision = recipe.vision.spec.build(recipe.vision.config, BuildContext(key=recipe.vision.key, recipe_dir=recipe.dir))
-    bridges = [b.spec.build(b.config, ctx) for b, ctx in zip(recipe.bridges, wiring.contexts)]
-    llm = recipe.llm.spec.build(recipe.llm.config, BuildContext(key=recipe.llm.key, recipe_dir=recipe.dir))
-    trainable = {"vision": _trainable(recipe.vision, False), "llm": _trainable(recipe.llm, False)}
-    trainable.update({f"bridges.{i}": _trainable(b, True) for i, b in enumerate(recipe.bridges)})
-    return MLLM(vision, bridges, llm, trainable=trainable)
+    device = resolve_device(device or recipe.train.device)
+    components = [recipe.vision, *recipe.bridges, recipe.llm]
+    contexts = [BuildContext(key=recipe.vision.key, recipe_dir=recipe.dir), *wiring.contexts,
+                BuildContext(key=recipe.llm.key, recipe_dir=recipe.dir)]
+    names = ["vision", *(f"bridges.{i}" for i in range(len(recipe.bridges))), "llm"]
+    parts, precision = [], {}
+    try:
+        for name, component, context in zip(names, components, contexts):
+            context, precision[name] = _with_precision(component, context, device)
+            parts.append(_build_part(component, context))
+    except RecipeError as exc:
+        raise exc.with_file(str(recipe.path) if recipe.path else "<recipe>") from None
+    trainable = {name: c.shared.trainable for name, c in zip(names, components)}
+    del precision["llm"]  # the LLM's weights hold its precision; it runs under the training autocast
+    return MLLM(parts[0], parts[1:-1], parts[-1], trainable=trainable, precision=precision)
 
 
 def build(kind: str, type: str, /, context: BuildContext | None = None, **options: Any) -> Any:
-    """Build one component by kind and registered name, e.g. ``build("vision", "eva_tiny")``."""
+    """Build one component by kind and registered name, e.g. ``build("vision", "eva_tiny")``; model
+    parts get the shared keys applied (``trainable`` included) for the device of ``context`` (CPU)."""
+    from mllmkit.model import set_trainable
     from mllmkit.plugins import get_plugin_host
 
-    spec = get_plugin_host().registry.get(kind, type)
     key = f"{kind}:{type}"
-    config = structure(spec.config, options, key, pathlib.Path.cwd())
-    return spec.build(config, context or BuildContext(key=key, recipe_dir=pathlib.Path.cwd()))
+    context = context or BuildContext(key=key, recipe_dir=pathlib.Path.cwd())
+    component = resolve_component(kind, {"type": type, **options}, context.key,
+                                  context.recipe_dir or pathlib.Path.cwd(), get_plugin_host().registry)
+    if component.kind not in ("vision", "bridge", "llm"):
+        return component.spec.build(component.config, context)
+    context, _ = _with_precision(component, context, context.device or torch.device("cpu"))
+    part = _build_part(component, context)
+    set_trainable(part, component.shared.trainable)
+    return part

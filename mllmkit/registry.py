@@ -7,7 +7,7 @@ kind (``vision``, ``bridge``, ``llm``, ``dataset``, ``parallel``), refuses a nam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +28,8 @@ class ComponentSpec:
     (vision, bridge, llm) also give ``dims(config, context) -> PartDims``: their widths from the
     config alone, so ``mllmkit check`` verifies the chain without reading weights.
     ``distribution`` is filled in by the registry from the plugin that returned the spec.
+    ``defaults`` overrides the core's defaults of the keys every component of the kind shares
+    (:mod:`mllmkit.recipe.shared`, e.g. ``{"precision": "fp16"}``); ``config`` never declares those keys.
     """
 
     name: str
@@ -36,6 +38,7 @@ class ComponentSpec:
     description: str
     dims: Callable[..., Any] | None = None
     distribution: str = ""
+    defaults: Mapping[str, Any] = attrs.Factory(dict)
 
 
 class DuplicateComponentError(UserError):
@@ -47,6 +50,22 @@ class UnknownComponentError(UserError):
 
 
 class Registry:
+def _check_shared_keys(kind: str, spec: ComponentSpec, distribution: str) -> None:
+    """The core owns the shared keys: a config class must not declare them, ``defaults`` only them."""
+    from mllmkit.recipe.shared import shared_names
+
+    shared = shared_names(kind)
+    declared = [f.name for f in attrs.fields(spec.config) if f.name in shared] if attrs.has(spec.config) else []
+    if declared:
+        raise ValueError(f"{distribution}: {kind} component {spec.name!r}: its config class declares "
+                         f"{', '.join(declared)}, which the core validates and applies for every {kind} "
+                         f"component; remove them (set different defaults with ComponentSpec(defaults=...))")
+    foreign = [k for k in spec.defaults if k not in shared]
+    if foreign:
+        raise ValueError(f"{distribution}: {kind} component {spec.name!r}: defaults names {', '.join(foreign)}; "
+                         f"only the shared keys of a {kind} component go there ({', '.join(shared) or 'none'})")
+
+
     """Components by kind and exact name."""
 
     def __init__(self) -> None:
@@ -58,6 +77,8 @@ class Registry:
         if kind in ("vision", "bridge", "llm") and spec.dims is None:
             raise ValueError(f"{distribution}: {kind} component {spec.name!r} must declare dims(config, context)")
         existing = self._specs[kind].get(spec.name)
+        if isinstance(spec, ComponentSpec):
+            _check_shared_keys(kind, spec, distribution)
         if existing is not None:
             raise DuplicateComponentError(
                 f"{kind} component {spec.name!r} is registered twice: by {existing.distribution!r} and by "

@@ -95,7 +95,6 @@ class ${Cls}Config:
     in_dim: int | None = attrs.field(default=None, validator=positive)
     out_dim: int | None = attrs.field(default=None, validator=positive)
     hidden: int = attrs.field(default=1024, validator=positive)
-    trainable: bool = True
 
 
 class ${Cls}(nn.Module):
@@ -166,7 +165,6 @@ class ${Cls}Config:
     patch_size: int = attrs.field(default=16, validator=positive)
     width: int = attrs.field(default=768, validator=positive)
     depth: int = attrs.field(default=12, validator=positive)
-    trainable: bool = False
 
 
 class ${Cls}(nn.Module):
@@ -246,7 +244,6 @@ class ${Cls}Config:
     hidden_size: int = attrs.field(default=1024, validator=positive)
     num_layers: int = attrs.field(default=8, validator=positive)
     num_heads: int = attrs.field(default=8, validator=positive)
-    trainable: bool = False
 
 
 def build_${name}(hidden_size: int, num_layers: int, num_heads: int) -> HFCausalLM:

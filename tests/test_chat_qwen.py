@@ -12,7 +12,7 @@ pytest.importorskip("mllmkit_llm_qwen", reason="plugins/llm_qwen is not installe
 
 RECIPE = {
     "model": {"vision": {"type": "toy_vision"}, "bridges": [{"type": "linear"}],
-              "llm": {"type": "qwen", "preset": "qwen_tiny", "dtype": "fp32"}},
+              "llm": {"type": "qwen", "preset": "qwen_tiny", "precision": "fp32"}},
 }
 
 

@@ -137,7 +137,7 @@ def test_cli_chat_user_errors_exit_2(plugin_host, toy_recipe, tmp_path, capsys):
 
 TINY_QWEN_RECIPE = {
     "model": {"vision": {"type": "eva_tiny"}, "bridges": [{"type": "qformer_tiny"}, {"type": "linear"}],
-              "llm": {"type": "qwen", "preset": "qwen_tiny", "dtype": "fp32"}},
+              "llm": {"type": "qwen", "preset": "qwen_tiny", "precision": "fp32"}},
     "chat": {"max_new_tokens": 4},
 }
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 import pytest
 
 from mllmkit import check_wiring, load_recipe
 from mllmkit.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 GOOD = """
 [model.vision]
@@ -59,6 +65,24 @@ BAD_RECIPES = [
     ("[model]\n", "model.vision", "required option is missing (expected a table)"),
     ("[train]\nlr = 1.0\n", "model", "required: a recipe needs [model.vision]"),
     (GOOD + "\n[train]\nmax_text_len = 0\n", "train.max_text_len", "expected a value > 0, found 0"),
+    # the keys every part shares: one spelling each, the core's
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ndtype = "bf16"'), "model.llm.dtype",
+     "unknown option; did you mean 'precision'? Allowed options here: hidden_size, num_layers, num_heads, "
+     "trainable, precision, gradient_checkpointing"),
+    (GOOD.replace('type = "toy_vision"', 'type = "toy_vision"\ngrad_checkpointing = true'),
+     "model.vision.grad_checkpointing", "unknown option; did you mean 'gradient_checkpointing'?"),
+    (GOOD.replace('type = "linear"', 'type = "linear"\ntorch_dtype = "fp16"'), "model.bridges[0].torch_dtype",
+     "unknown option; did you mean 'precision'? Allowed options here: in_dim, out_dim, bias, weights, prefix, "
+     "trainable, precision"),
+    (GOOD.replace('type = "linear"', 'type = "linear"\ngradient_checkpointing = true'),
+     "model.bridges[0].gradient_checkpointing", "unknown option."),
+    (GOOD.replace('type = "toy_vision"', 'type = "toy_vision"\nprecision = "half"'), "model.vision.precision",
+     'expected one of "fp32", "fp16", "bf16", found "half" (string)'),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ntrainable = "yes"'), "model.llm.trainable",
+     'expected true or false, found "yes" (string)'),
+    (GOOD + '\n[[data.train]]\ntype = "llava_conversations"\nannotations = "a.json"\nweight = -1.0\n',
+     "data.train[0].weight", "expected a value >= 0, found -1.0"),
+    (GOOD + '\n[parallel]\ntype = "single"\ndtype = "bf16"\n', "parallel.dtype", "unknown option."),
 ]
 
 
@@ -108,7 +132,8 @@ def test_good_recipe_fills_defaults(core_plugin_host, tmp_path):
     path.write_text(GOOD)
     recipe = load_recipe(path)
     assert recipe.vision.config.width == 24
-    assert recipe.bridges[0].config.trainable is True
+    assert recipe.bridges[0].shared.trainable is True
+    assert (recipe.vision.shared.trainable, recipe.vision.shared.precision) == (False, "fp32")
     assert recipe.train.loss_reduction == "token"
     assert recipe.parallel.type == "single"
     wiring = check_wiring(recipe)
@@ -138,3 +163,39 @@ def test_missing_inputs_stop_mllmkit_run_before_it_starts(core_plugin_host, tmp_
     assert capsys.readouterr().err == ("mllmkit: error: the recipe names inputs that are not there (paths are relative "
                                        "to the recipe's folder, then $MLLMKIT_HOME):\n  " + "\n  ".join(missing) + "\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_the_shared_keys_with_their_defaults(core_plugin_host, tmp_path, capsys):
+    from mllmkit.cli import main
+
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD + '\n[[data.train]]\ntype = "llava_conversations"\nannotations = "a.json"\n')
+    assert main(["print-config", str(path), "--set", "model.llm.precision=bf16"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["model"]["vision"] == {"type": "toy_vision", "image_size": 16, "patch_size": 8, "width": 24,
+                                          "trainable": False, "precision": "fp32", "gradient_checkpointing": False}
+    assert printed["model"]["bridges"][0]["trainable"] is True and printed["model"]["bridges"][0]["precision"] == "fp32"
+    assert "gradient_checkpointing" not in printed["model"]["bridges"][0]
+    assert printed["model"]["llm"]["precision"] == "bf16"
+    assert printed["data"]["train"][0]["weight"] == 1.0
+
+
+def test_a_component_config_may_not_declare_a_shared_key():
+    import attrs
+
+    from mllmkit.registry import ComponentSpec, Registry
+
+    @attrs.frozen(kw_only=True)
+    class Declares:
+        precision: str = "fp32"
+
+    spec = ComponentSpec("mine", Declares, lambda cfg, ctx: None, "declares precision", dims=lambda cfg, ctx: None)
+    with pytest.raises(ValueError) as info:
+        Registry().add("bridge", spec, "my-plugin")
+    assert str(info.value) == ("my-plugin: bridge component 'mine': its config class declares precision, which the "
+                               "core validates and applies for every bridge component; remove them (set different "
+                               "defaults with ComponentSpec(defaults=...))")
+    with pytest.raises(ValueError, match="defaults names weight; only the shared keys of a bridge component go there "
+                                         r"\(trainable, precision\)"):
+        Registry().add("bridge", attrs.evolve(spec, config=attrs.make_class("Empty", {}), defaults={"weight": 2.0}),
+                       "my-plugin")

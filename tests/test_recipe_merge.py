@@ -79,7 +79,7 @@ def test_overrides_apply_and_are_validated(core_plugin_host, tmp_path):
     path.write_text(BASE)
     recipe = load_recipe(path, ["train.lr=5e-5", "model.bridges[0].trainable=false", "model.vision.width=12"])
     assert recipe.train.lr == 5e-5
-    assert recipe.bridges[0].config.trainable is False
+    assert recipe.bridges[0].shared.trainable is False
     assert recipe.vision.config.width == 12
     with pytest.raises(RecipeError) as info:
         load_recipe(path, ["train.lr=fast"])

@@ -3,8 +3,8 @@
 Both read a JSON list of records (``annotations``) whose image paths are relative to ``images``.
 Records are parsed when drawn, so a malformed record, a missing or unreadable image raises
 :class:`~mllmkit.data.errors.SampleError` with the file and record index (the loader skips or fails
-as ``[data] on_error`` says). ``weight`` sets how often the dataset is drawn per epoch when several
-are mixed (see :func:`mllmkit.data.sampling.epoch_order`).
+as ``[data] on_error`` says). The core's shared key ``weight`` sets how often a dataset is drawn per
+epoch when several are mixed (see :func:`mllmkit.data.sampling.epoch_order`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from mllmkit.config import config, non_negative, positive
+from mllmkit.config import config, positive
 from mllmkit.data.errors import MALFORMED_RECORD, SampleError
 from mllmkit.errors import UserError
 from mllmkit.interfaces import BuildContext, Sample
@@ -40,8 +40,6 @@ class InstructionConfig:
     """JSON list of records with ``image``, ``instruction`` and ``output`` (strings or equal-length lists)."""
     images: pathlib.Path | None = None
     """Folder the records' image paths are relative to (unset: the annotation file's folder)."""
-    weight: float = attrs.field(default=1.0, validator=non_negative)
-    """Draws per record per epoch when mixing (2 = twice, 0.5 = a random half)."""
     max_samples: int | None = attrs.field(default=None, validator=positive)
     """Use only the first N records."""
 
@@ -54,8 +52,6 @@ class LlavaConfig:
     """LLaVA JSON: records with ``image`` (optional) and ``conversations`` [{from: human|gpt, value}]."""
     images: pathlib.Path | None = None
     """Folder the records' image paths are relative to (unset: the annotation file's folder)."""
-    weight: float = attrs.field(default=1.0, validator=non_negative)
-    """Draws per record per epoch when mixing (2 = twice, 0.5 = a random half)."""
     max_samples: int | None = attrs.field(default=None, validator=positive)
     """Use only the first N records."""
 
@@ -64,8 +60,8 @@ class JsonAnnotations:
     """A JSON list of records, each turned into a :class:`Sample` by :meth:`parse` when drawn."""
 
     def __init__(self, name: str, annotations: pathlib.Path, images: pathlib.Path | None,
-                 weight: float = 1.0, max_samples: int | None = None) -> None:
-        self.name, self.weight = name, weight
+                 max_samples: int | None = None) -> None:
+        self.name = name
         self.source = str(annotations)
         if not annotations.is_file():
             raise UserError(f"{name}: annotation file not found: {annotations}; check `annotations` in the recipe")
@@ -174,12 +170,11 @@ class LlavaConversations(JsonAnnotations):
 
 
 def _build_instructions(cfg: InstructionConfig, ctx: BuildContext) -> MiniGPT4QwenInstructions:
-    return MiniGPT4QwenInstructions("minigpt4qwen_instruction", cfg.annotations, cfg.images, cfg.weight,
-                                    cfg.max_samples)
+    return MiniGPT4QwenInstructions("minigpt4qwen_instruction", cfg.annotations, cfg.images, cfg.max_samples)
 
 
 def _build_llava(cfg: LlavaConfig, ctx: BuildContext) -> LlavaConversations:
-    return LlavaConversations("llava_conversations", cfg.annotations, cfg.images, cfg.weight, cfg.max_samples)
+    return LlavaConversations("llava_conversations", cfg.annotations, cfg.images, cfg.max_samples)
 
 
 SPECS = [

@@ -18,7 +18,7 @@ from typing import Literal
 
 import attrs
 
-from mllmkit.config import between, config, non_negative, positive
+from mllmkit.config import between, config, positive
 from mllmkit.interfaces import BuildContext, Sample
 from mllmkit.registry import ComponentSpec
 from mllmkit.template import IMAGE_SPAN
@@ -48,8 +48,6 @@ class DemoShapesConfig:
     seed: int = 0
     image_size: int = attrs.field(default=64, validator=positive)
     """Side of the drawn picture in pixels (the encoder's transform resizes it)."""
-    weight: float = attrs.field(default=1.0, validator=non_negative)
-    """Draws per sample per epoch when mixing."""
     questions_per_image: int = attrs.field(default=1, validator=between(1, 4))
     """Questions asked about each picture, as a multi-turn conversation: the sample's own question
     first, then others that apply to the picture (position only when there is one shape)."""
@@ -59,9 +57,9 @@ class DemoShapes:
     """The synthetic shapes dataset (map-style, deterministic)."""
 
     def __init__(self, split: str = "train", size: int = 2000, seed: int = 0, image_size: int = 64,
-                 weight: float = 1.0, questions_per_image: int = 1) -> None:
+                 questions_per_image: int = 1) -> None:
         self.name, self.split, self.size, self.seed = "demo_shapes", split, size, seed
-        self.image_size, self.weight, self.questions_per_image = image_size, weight, questions_per_image
+        self.image_size, self.questions_per_image = image_size, questions_per_image
         self.source = f"demo_shapes:{split}"
 
     def __len__(self) -> int:
@@ -140,7 +138,7 @@ class DemoShapes:
 
 
 def _build(cfg: DemoShapesConfig, ctx: BuildContext) -> DemoShapes:
-    return DemoShapes(cfg.split, cfg.size, cfg.seed, cfg.image_size, cfg.weight, cfg.questions_per_image)
+    return DemoShapes(cfg.split, cfg.size, cfg.seed, cfg.image_size, cfg.questions_per_image)
 
 
 SPECS = [ComponentSpec("demo_shapes", DemoShapesConfig, _build,

@@ -1,7 +1,8 @@
 """The built-in bridges: ``linear`` (MiniGPT4Qwen's ``llm_proj``) and ``mlp`` (LLaVA-1.5's projector).
 
 Widths are inferred: ``in_dim`` from the previous part, ``out_dim`` from the LLM's hidden size;
-explicit values are checked at assembly. Both can start from released weights: ``weights`` names a
+explicit values are checked at assembly. ``trainable`` (default true) and ``precision`` (default
+fp32) are the core's shared keys. Both can start from released weights: ``weights`` names a
 file (a LAVIS ``checkpoint_N.pth`` with ``model``, a bare ``model.pth``, DeepSpeed
 ``mp_rank_00_model_states.pt`` with ``module``, or a safetensors export) and ``prefix`` the key prefix
 of this bridge inside it (``llm_proj.`` for MiniGPT4Qwen).
@@ -29,7 +30,6 @@ class LinearBridgeConfig:
     in_dim: int | None = attrs.field(default=None, validator=positive)
     out_dim: int | None = attrs.field(default=None, validator=positive)
     bias: bool = True
-    trainable: bool = True
     weights: pathlib.Path | None = None
     prefix: str = "llm_proj."
     """Key prefix of this bridge's tensors inside ``weights``."""
@@ -41,7 +41,6 @@ class MLPBridgeConfig:
     out_dim: int | None = attrs.field(default=None, validator=positive)
     depth: int = attrs.field(default=2, validator=positive)
     activation: Literal["gelu", "silu", "relu"] = "gelu"
-    trainable: bool = True
     weights: pathlib.Path | None = None
     prefix: str = "mm_projector."
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from mllmkit.config import torch_dtype
 from mllmkit.errors import UserError
+from mllmkit.precision import effective_precision, layout_for_autocast, resolve_device
 from mllmkit.weights import KeyMap, WeightsError, load_into
 
 __all__ = [
-    "DTYPES",
     "load_chat_model",
     "load_trained_weights",
     "place_model",
@@ -29,7 +30,6 @@ __all__ = [
     "seed_projection_index",
 ]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUPPORTED = ("supported: an mllmkit export folder or its trainable.safetensors (keys named like the model's "
              "parameters), and the seed's projection checkpoints with llm_proj.weight and llm_proj.bias "
              "(LAVIS checkpoint_N.pth, model.pth, DeepSpeed mp_rank_00_model_states.pt)")
@@ -78,25 +78,21 @@ def load_trained_weights(model, path: str | pathlib.Path) -> list[str]:
     return report.loaded
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for, but CUDA is not available here; use --device cpu")
-    return device
-
-
 def place_model(model, device: str | torch.device | None, precision: str | None):
-    """Move ``model`` to ``device``; ``fp32`` casts everything, ``bf16``/``fp16`` cast the LLM (the
-    image embeddings are cast to the LLM's dtype when inserted; vision parts keep their own precision)."""
-    if precision is not None and precision not in DTYPES:
-        raise UserError(f"precision must be one of {', '.join(DTYPES)}, found {precision!r}")
+    """Move ``model`` to ``device``; ``precision`` is the LLM's (``fp32`` casts every part to fp32). The
+    vision encoder and bridges run in their own declared precision as in training (``MLLM.run_part``);
+    one declared fp16 runs in fp32 on CPU (its weights cast, with a notice)."""
+    if precision is not None and precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"precision must be one of fp32, bf16, fp16, found {precision!r}")
     device = resolve_device(device)
     if precision == "fp32":
         model.float()
     elif precision is not None:
-        model.llm.to(DTYPES[precision])
+        model.llm.to(torch_dtype(effective_precision(precision, device, "chat.precision")))
+    for name, declared in model.part_precision.items():
+        if effective_precision(declared, device, name) != declared:
+            layout_for_autocast(model.get_submodule(name), torch.float32)
+            model.part_precision[name] = "fp32"
     model.to(device)
     model.eval()
     for param in model.parameters():
@@ -129,7 +125,7 @@ def load_chat_model(recipe: Any, *, checkpoint: str | pathlib.Path | None = None
     with _held_warnings() as held:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(source.train.seed)  # as training does: parts without weight files match its
-            model = assemble(source)
+            model = assemble(source, device=resolve_device(device or source.chat.device))
         if checkpoint is not None:
             loaded = set(load_trained_weights(model, checkpoint))
             held.drop(_part_keys(source, model, loaded))

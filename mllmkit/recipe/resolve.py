@@ -1,8 +1,10 @@
 """Validation of a recipe in two passes, into a :class:`Recipe` of resolved components.
 
 Pass 1 checks the recipe's own schema (sections, keys, types). Pass 2 looks up each component
-table's ``type`` in the registry (exact names) and validates its options with the component's
-attrs config class. Every error is a :class:`~mllmkit.errors.RecipeError` with file and key path.
+table's ``type`` in the registry (exact names), splits off the keys every component of its kind
+shares (:mod:`mllmkit.recipe.shared`: ``trainable``, ``precision``, ``gradient_checkpointing``,
+``weight``), validates those with the core's class and the rest with the component's attrs config
+class. Every error is a :class:`~mllmkit.errors.RecipeError` with file and key path.
 """
 
 from __future__ import annotations
@@ -16,24 +18,29 @@ import attrs
 from mllmkit.errors import RecipeError, UserError
 from mllmkit.recipe.load import apply_overrides, read_recipe_data
 from mllmkit.recipe.schema import ChatSection, DataSection, EvalSection, RecipeSchema, TrainSection
-from mllmkit.recipe.structure import structure, unstructure
+from mllmkit.recipe.shared import KIND_DEFAULTS, MISSPELLINGS, SHARED_KEYS, shared_names
+from mllmkit.recipe.structure import structure, unknown_option, unstructure
 from mllmkit.registry import ComponentSpec, Registry
 
-__all__ = ["Component", "Recipe", "load_recipe"]
+__all__ = ["Component", "Recipe", "load_recipe", "resolve_component"]
 
 
 @attrs.frozen
 class Component:
-    """A validated component: kind, registered name, recipe key path, config object and spec."""
+    """A validated component: kind, registered name, recipe key path, its own config object, the
+    shared keys of its kind (``shared``: a :mod:`mllmkit.recipe.shared` object, None for a backend)
+    and its spec."""
 
     kind: str
     type: str
     key: str
     config: Any
     spec: ComponentSpec
+    shared: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **unstructure(self.config)}
+        shared = unstructure(self.shared) if self.shared is not None else {}
+        return {"type": self.type, **unstructure(self.config), **shared}
 
 
 @attrs.frozen
@@ -106,7 +113,8 @@ def load_recipe(source: str | pathlib.Path | Mapping[str, Any], overrides: Itera
         raise exc.with_file(str(path) if path else "<recipe>") from None
 
 
-def _component(kind: str, table: Any, key: str, folder: pathlib.Path, registry: Registry) -> Component:
+def resolve_component(kind: str, table: Any, key: str, folder: pathlib.Path, registry: Registry) -> Component:
+    """Validate one component table (``type`` plus options) of ``kind`` at recipe key ``key``."""
     if not isinstance(table, Mapping):
         raise RecipeError(key, f"expected a table with a 'type' key, found {table!r}")
     if "type" not in table:
@@ -119,15 +127,32 @@ def _component(kind: str, table: Any, key: str, folder: pathlib.Path, registry: 
         spec = registry.get(kind, str(name))
     except UserError as exc:
         raise RecipeError(f"{key}.type", str(exc)) from None
-    options = {k: v for k, v in table.items() if k != "type"}
-    config = structure(spec.config, options, key, folder)
-    return Component(kind=kind, type=str(name), key=key, config=config, spec=spec)
+    shared_keys = shared_names(kind)
+    own = {k: v for k, v in table.items() if k != "type" and k not in shared_keys}
+    _check_own_names(own, spec.config, shared_keys, key)
+    config = structure(spec.config, own, key, folder)
+    shared = None
+    if SHARED_KEYS.get(kind) is not None:
+        given = {k: v for k, v in table.items() if k in shared_keys}
+        shared = structure(SHARED_KEYS[kind], {**KIND_DEFAULTS[kind], **spec.defaults, **given}, key, folder)
+    return Component(kind=kind, type=str(name), key=key, config=config, spec=spec, shared=shared)
+
+
+def _check_own_names(own: Mapping[str, Any], config_cls: type, shared_keys: tuple[str, ...], key: str) -> None:
+    """Unknown options name the component's and the shared keys; another spelling of a shared key
+    (``dtype``, ``grad_checkpointing``) gets the core's spelling suggested."""
+    fields = [f.name for f in attrs.fields(config_cls)]
+    for name in own:
+        if name not in fields:
+            suggestion = MISSPELLINGS.get(name)
+            raise unknown_option(f"{key}.{name}", [*fields, *shared_keys],
+                                 suggestion if suggestion in shared_keys else None)
 
 
 def _components(kind: str, tables: Any, key: str, folder: pathlib.Path, registry: Registry) -> list[Component]:
     if not isinstance(tables, list):
         raise RecipeError(key, f"expected an array of tables ([[{key}]]), found {tables!r}")
-    return [_component(kind, t, f"{key}[{i}]", folder, registry) for i, t in enumerate(tables)]
+    return [resolve_component(kind, t, f"{key}[{i}]", folder, registry) for i, t in enumerate(tables)]
 
 
 def _resolve(data: dict[str, Any], path: pathlib.Path | None, folder: pathlib.Path, registry: Registry) -> Recipe:
@@ -140,12 +165,12 @@ def _resolve(data: dict[str, Any], path: pathlib.Path | None, folder: pathlib.Pa
     return Recipe(  # pass 2
         path=path,
         dir=folder,
-        vision=_component("vision", model.vision, "model.vision", folder, registry),
+        vision=resolve_component("vision", model.vision, "model.vision", folder, registry),
         bridges=_components("bridge", model.bridges, "model.bridges", folder, registry),
-        llm=_component("llm", model.llm, "model.llm", folder, registry),
+        llm=resolve_component("llm", model.llm, "model.llm", folder, registry),
         train_data=_components("dataset", schema.data.train, "data.train", folder, registry),
         eval_data=_components("dataset", schema.data.eval, "data.eval", folder, registry),
-        parallel=_component("parallel", schema.parallel, "parallel", folder, registry),
+        parallel=resolve_component("parallel", schema.parallel, "parallel", folder, registry),
         data=schema.data,
         train=schema.train,
         chat=schema.chat,

@@ -19,7 +19,7 @@ import attrs
 
 from mllmkit.errors import RecipeError
 
-__all__ = ["structure", "unstructure", "describe_type"]
+__all__ = ["structure", "unstructure", "describe_type", "unknown_option"]
 
 
 def structure(cls: type, data: Any, key: str, base_dir: pathlib.Path | None = None) -> Any:
@@ -82,14 +82,15 @@ def _plural(words: str) -> str:
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return f'"{value}"'
+        return f'"{value}"' if len(value) <= 80 else f'"{value[:60]}…" ({len(value)} characters)'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} characters)"
 
 
 def _found(value: Any) -> str:
@@ -178,6 +179,15 @@ def _convert(tp: Any, value: Any, key: str, base_dir: pathlib.Path | None) -> An
     raise _mismatch(tp, value, key)
 
 
+def unknown_option(key: str, allowed: list[str], suggestion: str | None = None) -> RecipeError:
+    """The error for an option no config class here declares: a close match (or ``suggestion``) and the
+    allowed names."""
+    name = key.rsplit(".", 1)[-1]
+    close = [suggestion] if suggestion else difflib.get_close_matches(name, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    return RecipeError(key, f"unknown option{hint} Allowed options here: {', '.join(allowed) or '(none)'}")
+
+
 def _structure_attrs(cls: type, value: Any, key: str, base_dir: pathlib.Path | None) -> Any:
     if attrs.has(type(value)) and isinstance(value, cls):
         return value
@@ -188,10 +198,7 @@ def _structure_attrs(cls: type, value: Any, key: str, base_dir: pathlib.Path | N
     prefix = f"{key}." if key else ""
     for name in value:
         if name not in fields:
-            close = difflib.get_close_matches(name, list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "."
-            allowed = ", ".join(fields) or "(none)"
-            raise RecipeError(f"{prefix}{name}", f"unknown option{hint} Allowed options here: {allowed}")
+            raise unknown_option(f"{prefix}{name}", list(fields))
     kwargs = {}
     for name, field in fields.items():
         if name in value:

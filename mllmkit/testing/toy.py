@@ -29,7 +29,6 @@ class ToyVisionConfig:
     image_size: int = attrs.field(default=16, validator=positive)
     patch_size: int = attrs.field(default=8, validator=positive)
     width: int = attrs.field(default=24, validator=positive)
-    trainable: bool = False
 
 
 class ToyVision(nn.Module):
@@ -113,7 +112,6 @@ class ToyLLMConfig:
     hidden_size: int = attrs.field(default=32, validator=positive)
     num_layers: int = attrs.field(default=2, validator=positive)
     num_heads: int = attrs.field(default=4, validator=positive)
-    trainable: bool = False
 
 
 def build_toy_llm(cfg: ToyLLMConfig, ctx: BuildContext | None = None) -> HFCausalLM:

@@ -7,7 +7,8 @@
 module is built on the meta device and a LAVIS checkpoint is streamed into it. ``dropout`` (0.1)
 and ``init_std`` (0.02, random initialisation only) default to BLIP-2's bert-base numbers; a small
 Q-Former trained from scratch wants a larger ``init_std`` (at 64 wide and std 0.02 its output
-hardly depends on the image) and no dropout.
+hardly depends on the image) and no dropout. The core's shared keys apply: ``trainable`` (default
+false here) and ``precision`` (default fp32; ``ln_vision`` computes in fp32 whatever it is).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pathlib
 
 import attrs
 
-from mllmkit.config import Precision, between, config, positive, torch_dtype
+from mllmkit.config import between, config, positive
 from mllmkit.errors import RecipeError
 from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.registry import ComponentSpec
@@ -44,9 +45,6 @@ class QFormerConfig:
     """Width of the vision tokens; unset = the vision encoder's output width."""
     weights: pathlib.Path | None = None
     """A LAVIS BLIP-2 checkpoint ({"model": state_dict}), e.g. blip2_pretrained_flant5xxl.pth."""
-    trainable: bool = False
-    precision: Precision = "fp32"
-    """dtype of the Q-Former and its queries; ln_vision always computes in fp32."""
     dropout: float = attrs.field(default=DROPOUT, validator=between(0.0, 1.0))
     """Hidden and attention-probability dropout in training (bert-base's 0.1, as BLIP-2 trains)."""
     init_std: float = attrs.field(default=INIT_STD, validator=positive)
@@ -60,8 +58,6 @@ class QFormerTinyConfig:
     num_layers: int = attrs.field(default=2, validator=positive)
     vision_width: int | None = attrs.field(default=None, validator=positive)
     weights: pathlib.Path | None = None
-    trainable: bool = False
-    precision: Precision = "fp32"
     dropout: float = attrs.field(default=DROPOUT, validator=between(0.0, 1.0))
     init_std: float = attrs.field(default=INIT_STD, validator=positive)
 
@@ -94,7 +90,6 @@ def _vision_width(cfg: AnyQFormerConfig, ctx: BuildContext) -> int:
 
 def _builder(shape: QFormerShape):
     def build(cfg: AnyQFormerConfig, ctx: BuildContext) -> QFormerBridge:
-        dtype = torch_dtype(cfg.precision)
         module = build_qformer(
             vision_width=_vision_width(cfg, ctx), hidden=shape.hidden, num_layers=cfg.num_layers,
             num_heads=shape.num_heads, ffn=shape.ffn, num_query_tokens=cfg.num_query_tokens,
@@ -103,12 +98,7 @@ def _builder(shape: QFormerShape):
             device="meta" if cfg.weights is not None else None,
         )
         if cfg.weights is not None:
-            load_lavis_qformer(module, cfg.weights, dtype=dtype)
-        else:
-            module.to(dtype)
-            module.ln_vision.float()
-        module.requires_grad_(cfg.trainable)
-        module.train(cfg.trainable)
+            load_lavis_qformer(module, cfg.weights)
         return module
     return build
 
@@ -116,8 +106,8 @@ def _builder(shape: QFormerShape):
 SPECS = [
     ComponentSpec("qformer", QFormerConfig, _builder(QFORMER_BASE),
                   "BLIP-2 Q-Former (bert-base, 32 queries) with ln_vision; loads LAVIS checkpoints",
-                  dims=_dims(QFORMER_BASE)),
+                  dims=_dims(QFORMER_BASE), defaults={"trainable": False}),
     ComponentSpec("qformer_tiny", QFormerTinyConfig, _builder(QFORMER_TINY),
                   "toy-size BLIP-2 Q-Former (64 wide, 2 layers, 8 queries) for tests and the CPU demo",
-                  dims=_dims(QFORMER_TINY)),
+                  dims=_dims(QFORMER_TINY), defaults={"trainable": False}),
 ]

@@ -9,10 +9,11 @@ Options of ``baichuan2`` (recipe table ``[model.llm]``):
   uses) reads ``path/config.json`` when the folder exists and falls back to the preset when it does
   not, so a recipe checks on a machine without the weights. Without ``path`` only ``baichuan2_tiny``
   builds (random weights, built-in vocabulary); ``baichuan2_7b_chat`` needs the folder.
-- ``precision`` (bf16/fp16/fp32), ``trainable``, ``gradient_checkpointing``, ``system`` (Baichuan2 has
-  no default system text) and ``image_token``: the image placeholder, a reserved piece that text never
+- ``system`` (Baichuan2 has no default system text) and ``image_token``: the image placeholder, a reserved piece that text never
   encodes to (default ``<reserved_113>``, id 202 in Baichuan2's vocabulary).
 ``baichuan2_tiny`` is the tiny preset as its own component (fp32, no files) for tests and CPU demos.
+The core's shared keys apply: ``precision`` (the weights' dtype; default bf16, ``baichuan2_tiny``
+fp32), ``trainable``, ``gradient_checkpointing``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Literal
 import attrs
 import torch
 
-from mllmkit.config import Precision, config, torch_dtype
+from mllmkit.config import config
 from mllmkit.errors import UserError
 from mllmkit.hf_llm import HFCausalLM, finish_meta_load, new_hf_model
 from mllmkit.interfaces import BuildContext, PartDims
@@ -56,9 +57,6 @@ class Baichuan2Config:
 
     path: pathlib.Path | None = None
     preset: Literal["baichuan2_7b_chat", "baichuan2_tiny"] = "baichuan2_7b_chat"
-    precision: Precision = "bf16"
-    trainable: bool = False
-    gradient_checkpointing: bool = False
     system: str | None = None
     image_token: str = "<reserved_113>"
 
@@ -67,9 +65,6 @@ class Baichuan2Config:
 class Baichuan2TinyConfig:
     """Options of ``baichuan2_tiny`` (the tiny preset, no files)."""
 
-    precision: Precision = "fp32"
-    trainable: bool = False
-    gradient_checkpointing: bool = False
     system: str | None = None
     image_token: str = "<reserved_113>"
 
@@ -126,7 +121,7 @@ def build_baichuan(cfg: Baichuan2Config, ctx: BuildContext | None = None) -> HFC
     user_id, assistant_id = _turn_ids(folder, tokenizer)
     image_id = _image_token_id(cfg.image_token, tokenizer, (user_id, assistant_id, EOS_ID, PAD_ID, BOS_ID), key)
     config_hf = hf_config(arch, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_ids=[EOS_ID, user_id])
-    dtype = torch_dtype(cfg.precision)
+    dtype = ctx.dtype if ctx is not None and ctx.dtype is not None else torch.bfloat16
     from transformers import LlamaForCausalLM
 
     if folder is None:
@@ -140,15 +135,10 @@ def build_baichuan(cfg: Baichuan2Config, ctx: BuildContext | None = None) -> HFC
         finish_meta_load(model, str(folder))
     model.generation_config.eos_token_id = [EOS_ID, user_id]
     model.generation_config.pad_token_id = PAD_ID
-    model.requires_grad_(cfg.trainable)
-    model.train(cfg.trainable)
     template = BaichuanTemplate(tokenizer.encode, user_token_id=user_id, assistant_token_id=assistant_id,
                                 eos_token_id=EOS_ID, pad_token_id=PAD_ID, image_token_id=image_id,
                                 default_system=cfg.system)
-    llm = HFCausalLM(model, tokenizer, template, max_positions=arch.model_max_length)
-    if cfg.gradient_checkpointing:
-        llm.gradient_checkpointing(True)
-    return llm
+    return HFCausalLM(model, tokenizer, template, max_positions=arch.model_max_length)
 
 
 def _build_tiny(cfg: Baichuan2TinyConfig, ctx: BuildContext | None = None) -> HFCausalLM:
@@ -158,7 +148,7 @@ def _build_tiny(cfg: Baichuan2TinyConfig, ctx: BuildContext | None = None) -> HF
 SPECS = [
     ComponentSpec("baichuan2", Baichuan2Config, build_baichuan,
                   "Baichuan2-7B-Chat (original folder converted to Llama modules, sentencepiece); Baichuan2 chat format",
-                  dims=baichuan_dims),
+                  dims=baichuan_dims, defaults={"precision": "bf16"}),
     ComponentSpec("baichuan2_tiny", Baichuan2TinyConfig, _build_tiny,
                   "toy Baichuan2 (64 wide, 2 layers, built-in 400-piece vocabulary) for tests and CPU demos",
                   dims=lambda cfg, ctx: PartDims(out_dim=PRESETS["baichuan2_tiny"].hidden_size)),

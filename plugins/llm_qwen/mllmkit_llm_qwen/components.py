@@ -9,12 +9,13 @@ Options (recipe table ``[model.llm]``, ``type = "qwen"``):
   random weights at that size. ``qwen_tiny`` has its own built-in vocabulary (no files at all); the
   7B/14B presets use that vocabulary too, with the special tokens at Qwen's real ids (for shape,
   speed and memory work only).
-- ``dtype`` (bf16/fp16/fp32), ``attn_implementation`` (``sdpa``; ``flash_attention_2`` when installed;
-  ``eager``), ``device_map`` (``"auto"`` shards over the visible GPUs with accelerate for
-  inference; or one device such as ``"cuda:0"``), ``trainable``, ``gradient_checkpointing``,
-  ``system`` (default system prompt) and ``image_token`` (the image placeholder: ``<|extra_0|>`` for
+- ``attn_implementation`` (``sdpa``; ``flash_attention_2`` when installed; ``eager``), ``device_map``
+  (``"auto"`` shards over the visible GPUs with accelerate for inference; or one device such as
+  ``"cuda:0"``), ``system`` (default system prompt) and ``image_token`` (the image placeholder: ``<|extra_0|>`` for
   v1 as MiniGPT4Qwen; Qwen2 has no ``<|extra_0|>``, so there it defaults to ``<|image_pad|>`` when the
   tokenizer has it and must be named otherwise).
+- the core's shared keys: ``precision`` (default bf16: the weights' dtype), ``trainable``,
+  ``gradient_checkpointing``.
 
 Qwen v1 changes its math past ``seq_length`` (dynamic NTK, log-n); longer inputs are refused
 through ``HFCausalLM.max_positions`` instead of silently computing something else.
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from mllmkit.config import Precision, config, torch_dtype
+from mllmkit.config import config
 from mllmkit.errors import UserError
 from mllmkit.hf_llm import HFCausalLM, finish_meta_load, new_hf_model
 from mllmkit.interfaces import BuildContext, PartDims
@@ -79,11 +80,8 @@ class QwenConfig:
 
     path: pathlib.Path | None = None
     preset: Literal["qwen7b_chat", "qwen14b_chat", "qwen_tiny"] | None = None
-    dtype: Precision = "bf16"
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     device_map: str | None = None
-    trainable: bool = False
-    gradient_checkpointing: bool = False
     system: str = DEFAULT_SYSTEM
     image_token: str | None = None
 
@@ -168,10 +166,11 @@ def _image_token(cfg: QwenConfig, tokenizer, default: tuple[str, ...], where: st
 
 
 def build_qwen(cfg: QwenConfig, ctx: BuildContext | None = None) -> HFCausalLM:
-    """The one builder: a folder (Qwen v1 converted, or Qwen2 native) or a preset, wrapped in HFCausalLM."""
+    """The one builder: a folder (Qwen v1 converted, or Qwen2 native) or a preset, wrapped in HFCausalLM,
+    its weights in ``ctx.dtype`` (the recipe's ``precision``)."""
     _check_attn(cfg.attn_implementation)
     raw, source = _raw_config(cfg)
-    dtype = torch_dtype(cfg.dtype)
+    dtype = ctx.dtype if ctx is not None and ctx.dtype is not None else torch.bfloat16
     single_device = cfg.device_map if cfg.device_map not in (None, "auto") else "cpu"
     model_type = raw.get("model_type")
     if model_type == "qwen":
@@ -218,16 +217,11 @@ def build_qwen(cfg: QwenConfig, ctx: BuildContext | None = None) -> HFCausalLM:
     model.generation_config.bos_token_id = None
     if cfg.device_map == "auto":
         model = _dispatch(model)
-    model.requires_grad_(cfg.trainable)
-    model.train(cfg.trainable)
 
     template = ChatMLTemplate(tokenizer.encode, im_start_id=tokenizer.token_id(IM_START),
                               im_end_id=tokenizer.token_id(IM_END), image_token_id=image_id,
                               pad_token_id=tokenizer.token_id(ENDOFTEXT), default_system=cfg.system)
-    llm = HFCausalLM(model, tokenizer, template, max_positions=max_positions)
-    if cfg.gradient_checkpointing:
-        llm.gradient_checkpointing(True)
-    return llm
+    return HFCausalLM(model, tokenizer, template, max_positions=max_positions)
 
 
 def _dispatch(model: torch.nn.Module) -> torch.nn.Module:
@@ -244,5 +238,5 @@ def _dispatch(model: torch.nn.Module) -> torch.nn.Module:
 SPECS = [ComponentSpec(
     "qwen", QwenConfig, build_qwen,
     "Qwen-7B/14B-Chat (v1 folders converted to Qwen2 modules), Qwen2/2.5 folders, or a random-init preset; ChatML",
-    dims=qwen_dims,
+    dims=qwen_dims, defaults={"precision": "bf16"},
 )]

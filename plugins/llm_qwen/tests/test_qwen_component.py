@@ -17,7 +17,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 
 def test_qwen_tiny_builds_with_no_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    llm = mllmkit.build("llm", "qwen", preset="qwen_tiny", dtype="fp32")
+    llm = mllmkit.build("llm", "qwen", preset="qwen_tiny", precision="fp32")
     assert type(llm.hf_model).__name__ == "Qwen2ForCausalLM"
     assert llm.hidden_size == 64 and len(llm.layers()) == 2
     assert llm.template.image_token_id == llm.tokenizer.token_id("<|extra_0|>") == 380
@@ -32,7 +32,7 @@ def test_qwen_tiny_builds_with_no_files(tmp_path, monkeypatch):
 
 
 def test_preset_options_and_errors():
-    llm = mllmkit.build("llm", "qwen", preset="qwen_tiny", system="Answer in one word.", dtype="bf16")
+    llm = mllmkit.build("llm", "qwen", preset="qwen_tiny", system="Answer in one word.", precision="bf16")
     assert llm.template.default_system == "Answer in one word."
     assert llm.hf_model.dtype == torch.bfloat16
     with pytest.raises(UserError, match="set `path`.*or `preset`"):
@@ -40,7 +40,7 @@ def test_preset_options_and_errors():
 
 
 def test_generate_with_inputs_embeds_stops_at_im_end():
-    llm = mllmkit.build("llm", "qwen", preset="qwen_tiny", dtype="fp32")
+    llm = mllmkit.build("llm", "qwen", preset="qwen_tiny", precision="fp32")
     m, tok = llm.hf_model, llm.tokenizer
     nl, b, im_end = tok.encode("\n")[0], tok.encode("b")[0], tok.token_id("<|im_end|>")
     with torch.no_grad():  # the residual stream carries only the current token: next = f(current)
@@ -100,7 +100,7 @@ def _qwen2_folder(tmp_path, specials=SPECIALS, tie=False):
 def test_qwen2_folder_loads_and_matches(tmp_path, tie):
     folder, ref, tok = _qwen2_folder(tmp_path, tie=tie)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2"
-    llm = mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+    llm = mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
     assert llm.template.image_token_id == tok.token_to_id("<|image_pad|>")
     assert llm.template.stop_token_ids == (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|im_start|>"))
     assert llm.max_positions == 64

@@ -68,7 +68,7 @@ def _logits(llm, ids):
 @pytest.mark.parametrize("config", [LATER_CONFIG, FIRST_RELEASE_CONFIG], ids=["later", "first_release"])
 def test_v1_folder_matches_reference_forward(tmp_path, v1_weights, layout, config):
     folder = write_v1_folder(tmp_path / "m", v1_weights, layout=layout, config=config)
-    llm = mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+    llm = mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
     assert type(llm.hf_model).__name__ == "Qwen2ForCausalLM"
     assert llm.hidden_size == HIDDEN and llm.max_positions == SEQ
     assert llm.hf_model.config.intermediate_size == 48 and llm.hf_model.config.vocab_size == VOCAB
@@ -80,7 +80,7 @@ def test_v1_folder_matches_reference_forward(tmp_path, v1_weights, layout, confi
 
 
 def test_rotary_buffers_recomputed_not_meta(v1_folder):
-    llm = mllmkit.build("llm", "qwen", path=str(v1_folder), dtype="fp32")
+    llm = mllmkit.build("llm", "qwen", path=str(v1_folder), precision="fp32")
     inv_freq = llm.rotary.inv_freq
     assert not inv_freq.is_meta
     d = HIDDEN // HEADS
@@ -100,7 +100,7 @@ def test_longer_than_seq_length_is_refused(v1_folder):
 def test_without_ntk_and_logn_there_is_no_limit_from_seq_length(tmp_path, v1_weights):
     config = dict(LATER_CONFIG, use_dynamic_ntk=False, use_logn_attn=False)
     llm = mllmkit.build("llm", "qwen", path=str(write_v1_folder(tmp_path / "m", v1_weights, config=config)),
-                        dtype="fp32")
+                        precision="fp32")
     assert llm.max_positions is None
 
 
@@ -108,7 +108,7 @@ def test_missing_key_is_an_error_naming_it(tmp_path, v1_weights):
     sd = {k: v for k, v in v1_weights.items() if k != "transformer.h.1.mlp.w1.weight"}
     folder = write_v1_folder(tmp_path / "m", sd)
     with pytest.raises(WeightsError) as info:
-        mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+        mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
     assert str(info.value) == (f"{folder}: checkpoint does not match the model: missing keys (1): "
                                f"model.layers.1.mlp.up_proj.weight")
 
@@ -118,7 +118,7 @@ def test_extra_key_is_an_error_naming_it(tmp_path, v1_weights):
     sd["transformer.h.0.attn.extra_scale"] = torch.ones(3)
     folder = write_v1_folder(tmp_path / "m", sd, layout="bin")
     with pytest.raises(WeightsError) as info:
-        mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+        mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
     assert str(info.value) == (f"{folder}: checkpoint does not match the model: unexpected keys (1): "
                                f"transformer.h.0.attn.extra_scale")
 
@@ -126,7 +126,7 @@ def test_extra_key_is_an_error_naming_it(tmp_path, v1_weights):
 def test_rotary_buffer_in_old_files_is_skipped(tmp_path, v1_weights):
     sd = dict(v1_weights)
     sd["transformer.h.0.attn.rotary_emb.inv_freq"] = torch.zeros(4)  # must not be read
-    llm = mllmkit.build("llm", "qwen", path=str(write_v1_folder(tmp_path / "m", sd, layout="bin")), dtype="fp32")
+    llm = mllmkit.build("llm", "qwen", path=str(write_v1_folder(tmp_path / "m", sd, layout="bin")), precision="fp32")
     assert float(llm.rotary.inv_freq[0]) == 1.0
 
 
@@ -136,7 +136,7 @@ def test_wrong_shape_names_key(tmp_path, v1_weights):
     folder = write_v1_folder(tmp_path / "m", sd)
     with pytest.raises(WeightsError, match=r"transformer\.ln_f\.weight has shape \[33\], the model expects "
                                            r"\[32\] for model\.norm\.weight"):
-        mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+        mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
 
 
 def test_missing_tiktoken_file_is_named(v1_folder):
@@ -152,10 +152,10 @@ def test_unknown_model_type_is_refused(v1_folder):
 
 
 def test_dtype_and_freezing(v1_folder):
-    llm = mllmkit.build("llm", "qwen", path=str(v1_folder), dtype="bf16")
+    llm = mllmkit.build("llm", "qwen", path=str(v1_folder), precision="bf16")
     assert {p.dtype for p in llm.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in llm.parameters()) and not llm.hf_model.training
-    trainable = mllmkit.build("llm", "qwen", path=str(v1_folder), dtype="fp32", trainable=True,
+    trainable = mllmkit.build("llm", "qwen", path=str(v1_folder), precision="fp32", trainable=True,
                               gradient_checkpointing=True)
     assert all(p.requires_grad for p in trainable.parameters())
     assert all("forward" in layer.__dict__ for layer in trainable.layers())  # checkpointed (tests/test_llm_checkpointing.py)
@@ -196,9 +196,9 @@ def test_build_under_meta_parameters_keeps_the_loaded_weights(tmp_path, v1_weigh
     weights = {k: v for k, v in v1_weights.items() if not (tied and k == "lm_head.weight")}
     folder = write_v1_folder(tmp_path / "m", weights, config={**LATER_CONFIG, "tie_word_embeddings": tied})
     with meta_parameters():
-        llm = mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+        llm = mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
     assert not any(p.is_meta for p in llm.parameters())
     assert (llm.head.weight is llm.embedding.weight) == tied
-    reference = mllmkit.build("llm", "qwen", path=str(folder), dtype="fp32")
+    reference = mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
     ids = torch.randint(0, 500, (1, SEQ), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_logits(llm, ids), _logits(reference, ids), atol=0, rtol=0)

@@ -2,11 +2,11 @@
 
 Options (recipe table ``[model.vision]``): ``weights`` (LAVIS ``eva_vit_g.pth``; without it random
 init, logged), ``image_size`` (position embedding interpolated from the file's grid),
-``num_blocks`` (blocks built = feature layer; BLIP-2 uses 39 of 40), ``precision`` (weights in
-fp16/bf16/fp32, LayerNorms fp32), ``grad_checkpointing``, ``trainable`` (default false: frozen, eval
-mode), ``hflip`` (random horizontal flip in the train transform, default false) and
-``pos_embed_init`` (``trunc_normal`` std 0.02 as timm; for training from scratch ``unit_normal``,
-std 1, or ``sincos``, the 2-D sine-cosine table; only used without ``weights``).
+``num_blocks`` (blocks built = feature layer; BLIP-2 uses 39 of 40), ``hflip`` (random horizontal
+flip in the train transform, default false) and ``pos_embed_init`` (``trunc_normal`` std 0.02 as
+timm; for training from scratch ``unit_normal``, std 1, or ``sincos``, the 2-D sine-cosine table;
+only used without ``weights``). The core's shared keys ``precision`` (``eva_vit_g``: fp16 as LAVIS's
+``vit_precision``; ``eva_tiny``: fp32), ``trainable`` and ``gradient_checkpointing`` apply too.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import pathlib
 from typing import Literal
 
 import attrs
+import torch
 
-from mllmkit.config import ConfigValueError, Precision, config, positive, torch_dtype
+from mllmkit.config import ConfigValueError, config, positive
 from mllmkit.interfaces import BuildContext, PartDims
+from mllmkit.precision import layout_for_autocast
 from mllmkit.registry import ComponentSpec
 from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G, EvaArch, EvaVisionEncoder, build_eva
 
@@ -46,9 +48,6 @@ class EvaViTGConfig:
     image_size: int = attrs.field(default=EVA_VIT_G.image_size,
                                   validator=[positive, _multiple_of_patch(EVA_VIT_G.patch_size)])
     num_blocks: int = attrs.field(default=EVA_VIT_G.num_blocks, validator=positive)
-    precision: Precision = "fp16"
-    grad_checkpointing: bool = False
-    trainable: bool = False
     hflip: bool = False
     pos_embed_init: PosEmbedInit = "trunc_normal"
 
@@ -61,9 +60,6 @@ class EvaTinyConfig:
     image_size: int = attrs.field(default=EVA_TINY.image_size,
                                   validator=[positive, _multiple_of_patch(EVA_TINY.patch_size)])
     num_blocks: int = attrs.field(default=EVA_TINY.num_blocks, validator=positive)
-    precision: Precision = "fp32"
-    grad_checkpointing: bool = False
-    trainable: bool = False
     hflip: bool = False
     pos_embed_init: PosEmbedInit = "trunc_normal"
 
@@ -73,21 +69,21 @@ def dims_of(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig) -> PartDims:
 
 
 def build_preset(arch: EvaArch, cfg: EvaViTGConfig | EvaTinyConfig, ctx: BuildContext) -> EvaVisionEncoder:
-    """Build ``arch`` with ``cfg``: on the meta device and streamed from ``cfg.weights``, or random."""
+    """Build ``arch`` with ``cfg``: on the meta device and streamed from ``cfg.weights`` (Linear/Conv
+    weights read straight into ``ctx.dtype``, the rest fp32), or random."""
     from mllmkit_vision_eva.loading import load_eva_weights
 
-    dtype = torch_dtype(cfg.precision)
     device = "cpu" if cfg.weights is None else "meta"
     encoder = build_eva(image_size=cfg.image_size, patch_size=arch.patch_size, width=arch.width,
-                        depth=cfg.num_blocks, num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, precision=dtype,
-                        grad_checkpointing=cfg.grad_checkpointing, hflip=cfg.hflip,
+                        depth=cfg.num_blocks, num_heads=arch.num_heads, mlp_dim=arch.mlp_dim, hflip=cfg.hflip,
                         pos_embed_init=cfg.pos_embed_init, device=device)
     if cfg.weights is None:
         logger.warning("%s: no weights given: EVA encoder (%d blocks, width %d) is randomly initialised",
                        ctx.key, cfg.num_blocks, arch.width)
     else:
-        load_eva_weights(encoder, cfg.weights, dtype=dtype, key=ctx.key)
-    return encoder.set_trainable(cfg.trainable)
+        layout_for_autocast(encoder, ctx.dtype or torch.float32)
+        load_eva_weights(encoder, cfg.weights, key=ctx.key)
+    return encoder
 
 
 def _preset(arch: EvaArch):
@@ -100,7 +96,7 @@ _build_tiny, _dims_tiny = _preset(EVA_TINY)
 SPECS = [
     ComponentSpec("eva_vit_g", EvaViTGConfig, _build_g,
                   "EVA ViT-g/14 as BLIP-2 uses it (39 blocks, 257 tokens of 1408, LAVIS eva_vit_g.pth)",
-                  dims=_dims_g),
+                  dims=_dims_g, defaults={"precision": "fp16"}),
     ComponentSpec("eva_tiny", EvaTinyConfig, _build_tiny,
                   "toy EVA ViT (56 px, patch 14, width 64, 2 blocks) for tests and CPU demos", dims=_dims_tiny),
 ]

@@ -7,8 +7,10 @@ norm**: :class:`EvaVisionEncoder` runs patch embedding, class token, position em
 blocks itself and returns all tokens of the last built block. BLIP-2 builds 39 of EVA-CLIP-g's 40
 blocks, so that is the penultimate block of the released network.
 
-Precision follows LAVIS's ``vit_precision``: every weight, bias and buffer in fp16/bf16 except the
-LayerNorms, which keep fp32 parameters and compute in fp32 (timm's ``LayerNormFp32``).
+Precision is the core's (``mllmkit.precision``): as LAVIS, Linear/Conv weights in the declared dtype,
+everything else fp32, run under autocast; so :meth:`EvaVisionEncoder.forward` keeps LAVIS's order of
+operations (class token and position embedding added in fp32, no casts of its own). The LayerNorms
+compute in fp32 (timm's ``LayerNormFp32``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ __all__ = [
     "EVA_VIT_G",
     "EvaArch",
     "EvaVisionEncoder",
-    "apply_precision",
     "build_eva",
     "init_nonpersistent_buffers",
 ]
@@ -66,12 +67,11 @@ class EvaVisionEncoder(nn.Module):
     """EVA ViT: ``forward(pixels [B,3,H,W]) -> [B, num_tokens, out_dim]`` (all tokens incl. CLS).
 
     ``vit`` is a timm ``Eva`` without head, pooling or final norm; its state-dict keys are LAVIS's
-    with the prefix ``vit.``. Frozen (``trainable=False``, the default) means no parameter requires
-    grad and the module stays in eval mode whatever ``train()`` is asked.
+    with the prefix ``vit.``.
     """
 
     def __init__(self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
-                 mlp_dim: int, grad_checkpointing: bool = False, hflip: bool = False) -> None:
+                 mlp_dim: int, hflip: bool = False) -> None:
         super().__init__()
         from timm.models.eva import Eva
 
@@ -93,17 +93,15 @@ class EvaVisionEncoder(nn.Module):
         self.patch_size = patch_size
         self.out_dim = width
         self.num_tokens = (image_size // patch_size) ** 2 + 1
-        self.grad_checkpointing = grad_checkpointing
         self.hflip = hflip
-        self.trainable = True
+        self.checkpointing = False
 
     # -- VisionEncoder interface --
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         vit = self.vit
-        x = vit.patch_embed(pixels.to(vit.patch_embed.proj.weight.dtype))
-        cls = vit.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1) + vit.pos_embed.to(x.dtype)
-        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        x = vit.patch_embed(pixels)
+        x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + vit.pos_embed
+        use_ckpt = self.checkpointing and torch.is_grad_enabled()
         for block in vit.blocks:
             x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
         return x
@@ -116,32 +114,9 @@ class EvaVisionEncoder(nn.Module):
     def blocks(self) -> Sequence[nn.Module]:
         return list(self.vit.blocks)
 
-    # -- freezing --
-    def set_trainable(self, trainable: bool) -> EvaVisionEncoder:
-        self.trainable = trainable
-        for param in self.parameters():
-            param.requires_grad_(trainable)
-        return self.train(self.training)
-
-    def train(self, mode: bool = True) -> EvaVisionEncoder:
-        return super().train(mode and self.trainable)
-
-
-def apply_precision(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast every floating parameter and buffer to ``dtype``, LayerNorms excepted (they stay fp32).
-
-    Buffers are cast too: timm's non-persistent ``k_bias`` left in fp32 would break the fused qkv
-    ``F.linear`` under bf16 (ENVIRONMENT.md item 3l). Works on the meta device.
-    """
-    for sub in module.modules():
-        target = torch.float32 if isinstance(sub, nn.LayerNorm) else dtype
-        for name, param in sub.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != target:
-                setattr(sub, name, nn.Parameter(param.detach().to(target), requires_grad=param.requires_grad))
-        for name, buf in sub.named_buffers(recurse=False):
-            if buf is not None and buf.is_floating_point() and buf.dtype != target:
-                persistent = name not in sub._non_persistent_buffers_set
-                sub.register_buffer(name, buf.to(target), persistent=persistent)
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in backward (when autograd records) instead of keeping its activations."""
+        self.checkpointing = enabled
 
 
 def init_nonpersistent_buffers(module: nn.Module, device: torch.device | str = "cpu") -> None:
@@ -161,8 +136,7 @@ def init_nonpersistent_buffers(module: nn.Module, device: torch.device | str = "
 
 
 def build_eva(*, image_size: int, patch_size: int, width: int, depth: int, num_heads: int, mlp_dim: int,
-              precision: torch.dtype = torch.float32, grad_checkpointing: bool = False, hflip: bool = False,
-              trainable: bool = False, pos_embed_init: str = "trunc_normal",
+              hflip: bool = False, pos_embed_init: str = "trunc_normal",
               device: torch.device | str | None = None) -> EvaVisionEncoder:
     """Build an EVA encoder of ``depth`` blocks. ``device="meta"`` builds without memory (for loading).
 
@@ -174,8 +148,7 @@ def build_eva(*, image_size: int, patch_size: int, width: int, depth: int, num_h
     """
     with torch.device(device or "cpu"):
         encoder = EvaVisionEncoder(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-                                   num_heads=num_heads, mlp_dim=mlp_dim, grad_checkpointing=grad_checkpointing,
-                                   hflip=hflip)
+                                   num_heads=num_heads, mlp_dim=mlp_dim, hflip=hflip)
     if pos_embed_init not in ("trunc_normal", "unit_normal", "sincos"):
         raise ValueError(f"pos_embed_init must be 'trunc_normal', 'unit_normal' or 'sincos', found {pos_embed_init!r}")
     if device != "meta" and pos_embed_init == "unit_normal":
@@ -183,8 +156,7 @@ def build_eva(*, image_size: int, patch_size: int, width: int, depth: int, num_h
             encoder.vit.pos_embed.normal_(0.0, 1.0)
     elif device != "meta" and pos_embed_init == "sincos":
         _init_sincos_pos_embed(encoder)
-    apply_precision(encoder, precision)
-    return encoder.set_trainable(trainable)
+    return encoder
 
 
 @torch.no_grad()

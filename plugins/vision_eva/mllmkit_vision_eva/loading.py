@@ -31,8 +31,6 @@ BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.
               "mlp.fc2.weight", "mlp.fc2.bias")
 """The tensors of one block in ``eva_vit_g.pth`` (formats/eva_vit_g.tsv)."""
 
-_KEEP_FP32 = (r"vit\.blocks\.\d+\.norm[12]\.(weight|bias)",)
-
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int = 1, *,
                           source: str = "pos_embed") -> torch.Tensor:
@@ -87,12 +85,12 @@ def eva_key_map(num_blocks: int, grid: int, source: str = "eva_vit_g.pth") -> Ke
     ])
 
 
-def load_eva_weights(encoder: EvaVisionEncoder, path: str | pathlib.Path, *, dtype: torch.dtype,
-                     key: str = "vision") -> None:
+def load_eva_weights(encoder: EvaVisionEncoder, path: str | pathlib.Path, *, key: str = "vision") -> None:
     """Stream ``path`` (LAVIS ``eva_vit_g.pth``) into ``encoder`` (built on meta or real device).
 
-    Floating tensors are cast to ``dtype`` except LayerNorm weights (fp32). Raises WeightsError
-    naming every unexpected and missing key.
+    Each tensor takes the dtype of the encoder's tensor it lands in (lay the encoder out first, e.g.
+    with ``mllmkit.precision.layout_for_autocast``). Raises WeightsError naming every unexpected and
+    missing key.
     """
     path = pathlib.Path(path)
     num_blocks = len(encoder.vit.blocks)
@@ -103,8 +101,7 @@ def load_eva_weights(encoder: EvaVisionEncoder, path: str | pathlib.Path, *, dty
     except WeightsError as exc:  # not there: the key-layout hints below would not help
         raise WeightsError(f"{key}.weights: {exc}") from None
     try:
-        report = load_into(encoder, iter_tensors(files), key_map, source=str(path),
-                           dtype=dtype, keep_fp32=_KEEP_FP32)
+        report = load_into(encoder, iter_tensors(files), key_map, source=str(path))
     except WeightsError as exc:
         raise WeightsError(
             f"{key}.weights: {exc}. Unexpected keys are the file's names; missing keys are the model's "

@@ -11,11 +11,12 @@ from mllmkit_vision_eva.components import EvaTinyConfig, build_preset
 from mllmkit_vision_eva.encoder import EVA_TINY
 
 from mllmkit.interfaces import BuildContext
+from mllmkit.precision import part_autocast
 from mllmkit.weights import WeightsError
 
 
-def _build(**options):
-    return build_preset(EVA_TINY, EvaTinyConfig(**options), BuildContext(key="model.vision"))
+def _build(dtype: torch.dtype | None = None, **options):
+    return build_preset(EVA_TINY, EvaTinyConfig(**options), BuildContext(key="model.vision", dtype=dtype))
 
 
 def _layer_norm(x, w, b, eps=1e-6):
@@ -162,8 +163,10 @@ def test_random_checkpoint_writer_uses_the_manifest_layout(tmp_path, make_state_
     manifest_layout = make_state_dict(blocks=EVA_TINY.depth, grid=4)
     assert list(written) == list(manifest_layout)
     assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in manifest_layout.items()}
-    enc = _build(weights=path, precision="bf16")
-    assert torch.isfinite(enc(torch.randn(1, 3, 56, 56)).float()).all()
+    enc = _build(weights=path, dtype=torch.bfloat16)
+    assert enc.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16  # read straight into the part's dtype
+    with part_autocast("bf16", "cpu"):
+        assert torch.isfinite(enc(torch.randn(1, 3, 56, 56))).all()
 
 
 def test_build_under_meta_parameters_keeps_the_loaded_weights(tiny_ckpt):
@@ -171,8 +174,8 @@ def test_build_under_meta_parameters_keeps_the_loaded_weights(tiny_ckpt):
     from mllmkit.weights import meta_parameters
 
     with meta_parameters():
-        enc = _build(weights=tiny_ckpt, precision="fp16")
-    reference = _build(weights=tiny_ckpt, precision="fp16")
+        enc = _build(weights=tiny_ckpt, dtype=torch.float16)
+    reference = _build(weights=tiny_ckpt, dtype=torch.float16)
     assert not any(p.is_meta for p in enc.parameters())
     for (name, got), (_, want) in zip(enc.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(got, want), name

@@ -14,7 +14,6 @@ from mllmkit.interfaces import PartDims
 @config
 class AvgPoolConfig:
     tokens: int = attrs.field(default=2, validator=positive)
-    trainable: bool = False
 
 
 class AvgPool(nn.Module):
@@ -36,4 +35,5 @@ class AvgPool(nn.Module):
 def mllmkit_register_bridges():
     return [mllmkit.ComponentSpec(
         "avg_pool", AvgPoolConfig, lambda cfg, ctx: AvgPool(ctx.in_dim, cfg.tokens),
-        "average-pools vision tokens", dims=lambda cfg, ctx: PartDims(out_dim=ctx.in_dim, out_tokens=cfg.tokens))]
+        "average-pools vision tokens", dims=lambda cfg, ctx: PartDims(out_dim=ctx.in_dim, out_tokens=cfg.tokens),
+        defaults={"trainable": False})]
