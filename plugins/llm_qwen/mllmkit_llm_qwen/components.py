@@ -17,8 +17,9 @@ Options (recipe table ``[model.llm]``, ``type = "qwen"``):
 - the core's shared keys: ``precision`` (default bf16: the weights' dtype), ``trainable``,
   ``gradient_checkpointing``.
 
-Qwen v1 changes its math past ``seq_length`` (dynamic NTK, log-n); longer inputs are refused
-through ``HFCausalLM.max_positions`` instead of silently computing something else.
+Qwen v1 changes its math past ``seq_length`` (dynamic NTK, log-n): both are put on the Qwen2 modules
+(:mod:`mllmkit_llm_qwen.long_context`) and input is refused only past ``max_position_embeddings``/
+``n_positions`` (``HFCausalLM.max_positions``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from mllmkit_llm_qwen.convert import (
     QWEN_V1_KEYS,
     qwen_v1_fields,
     qwen_v1_hf_config,
+    qwen_v1_long_context,
     qwen_v1_max_positions,
     read_config,
 )
@@ -184,6 +186,7 @@ def build_qwen(cfg: QwenConfig, ctx: BuildContext | None = None) -> HFCausalLM:
         hf_config = qwen_v1_hf_config(raw, source, pad_token_id=tokenizer.token_id(ENDOFTEXT),
                                       eos_token_ids=[tokenizer.token_id(IM_END), tokenizer.token_id(IM_START)])
         max_positions = qwen_v1_max_positions(raw, source)
+        long_context = qwen_v1_long_context(raw, source)
         image_default: tuple[str, ...] = ("<|extra_0|>",)
         key_map = QWEN_V1_KEYS
     elif model_type == "qwen2":
@@ -194,6 +197,7 @@ def build_qwen(cfg: QwenConfig, ctx: BuildContext | None = None) -> HFCausalLM:
         hf_config.pad_token_id = tokenizer.token_id(ENDOFTEXT)
         hf_config.eos_token_id = [tokenizer.token_id(IM_END), tokenizer.token_id(IM_START)]
         max_positions = hf_config.max_position_embeddings
+        long_context = None
         image_default = ("<|extra_0|>", "<|image_pad|>")
         key_map = QWEN2_KEYS
     else:
@@ -212,6 +216,10 @@ def build_qwen(cfg: QwenConfig, ctx: BuildContext | None = None) -> HFCausalLM:
         _load_folder(model, pathlib.Path(cfg.path), key_map, dtype, bool(hf_config.tie_word_embeddings))
         if single_device != "cpu":
             model.to(single_device)
+    if long_context is not None:
+        from mllmkit_llm_qwen.long_context import install_long_context
+
+        install_long_context(model, long_context)
     model.generation_config.eos_token_id = list(hf_config.eos_token_id)
     model.generation_config.pad_token_id = hf_config.pad_token_id
     model.generation_config.bos_token_id = None

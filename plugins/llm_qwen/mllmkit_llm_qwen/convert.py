@@ -3,8 +3,9 @@
 Qwen v1 and Qwen2 compute the same function up to ``seq_length`` tokens: fused ``c_attn`` (with
 bias) = q/k/v stacked on the output dim, rotary embeddings (rotate-half, base ``rotary_emb_base``),
 RMSNorm, SwiGLU ``c_proj(w1(x) * silu(w2(x)))``. Beyond ``seq_length`` v1 switches on dynamic NTK
-rotary scaling and log-n attention scaling, which Qwen2 does not have; :func:`qwen_v1_max_positions`
-gives the limit the wrapper refuses past.
+rotary scaling and log-n attention scaling, which Qwen2 does not have: :func:`qwen_v1_long_context`
+reads them for :mod:`mllmkit_llm_qwen.long_context`, and :func:`qwen_v1_max_positions` gives the limit
+the wrapper refuses past (``max_position_embeddings``/``n_positions``).
 
 Both config spellings are accepted: first release (``n_embd``, ``n_head``, ``n_layer``,
 ``ffn_hidden_size``, ``padded_vocab_size``, ``n_positions``, ``layer_norm_epsilon``) and later
@@ -21,15 +22,18 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import attrs
 import torch
 
 from mllmkit.weights import KeyMap, WeightsError
 
 __all__ = [
+    "LongContext",
     "QWEN2_KEYS",
     "QWEN_V1_KEYS",
     "qwen_v1_fields",
     "qwen_v1_hf_config",
+    "qwen_v1_long_context",
     "qwen_v1_max_positions",
     "read_config",
 ]
@@ -71,7 +75,9 @@ def qwen_v1_fields(raw: Mapping[str, Any], source: str = "config.json") -> dict[
     fields = {name: _get(raw, names, source, 1e-6 if name == "eps" else None) for name, names in _FIELDS}
     fields["rope_theta"] = float(raw.get("rotary_emb_base", 10000))
     fields["seq_length"] = int(_get(raw, ("seq_length", "max_position_embeddings", "n_positions"), source))
-    fields["ntk_or_logn"] = bool(raw.get("use_dynamic_ntk", True) or raw.get("use_logn_attn", True))
+    fields["max_positions"] = int(_get(raw, ("max_position_embeddings", "n_positions"), source, fields["seq_length"]))
+    fields["dynamic_ntk"] = bool(raw.get("use_dynamic_ntk", True))
+    fields["logn"] = bool(raw.get("use_logn_attn", True))
     fields["tie"] = bool(raw.get("tie_word_embeddings", False))
     if fields["ffn_size"] % 2:
         raise WeightsError(f"{source}: intermediate_size/ffn_hidden_size {fields['ffn_size']} must be even "
@@ -86,10 +92,31 @@ def qwen_v1_fields(raw: Mapping[str, Any], source: str = "config.json") -> dict[
     return fields
 
 
+@attrs.frozen
+class LongContext:
+    """A Qwen v1 config's context extension: the trained length, the length it extends to (refused
+    past it), and which of dynamic NTK rotary scaling and log-n query scaling it turns on."""
+
+    seq_length: int
+    max_positions: int
+    dynamic_ntk: bool
+    logn: bool
+
+
+def qwen_v1_long_context(raw: Mapping[str, Any], source: str = "config.json") -> LongContext | None:
+    """The config's dynamic NTK / log-n settings; None when neither is on or nothing lies past ``seq_length``."""
+    f = qwen_v1_fields(raw, source)
+    if not (f["dynamic_ntk"] or f["logn"]) or f["max_positions"] <= f["seq_length"]:
+        return None
+    return LongContext(seq_length=f["seq_length"], max_positions=f["max_positions"], dynamic_ntk=f["dynamic_ntk"],
+                       logn=f["logn"])
+
+
 def qwen_v1_max_positions(raw: Mapping[str, Any], source: str = "config.json") -> int | None:
-    """``seq_length`` when dynamic NTK or log-n scaling would change the math past it, else None."""
+    """``max_position_embeddings``/``n_positions`` (the length v1 extends to) when dynamic NTK or log-n
+    scaling is on; None when neither is (plain rotary at any length)."""
     fields = qwen_v1_fields(raw, source)
-    return fields["seq_length"] if fields["ntk_or_logn"] else None
+    return fields["max_positions"] if fields["dynamic_ntk"] or fields["logn"] else None
 
 
 def qwen_v1_hf_config(raw: Mapping[str, Any], source: str = "config.json", *, pad_token_id: int | None = None,

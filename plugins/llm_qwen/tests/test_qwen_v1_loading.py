@@ -70,7 +70,8 @@ def test_v1_folder_matches_reference_forward(tmp_path, v1_weights, layout, confi
     folder = write_v1_folder(tmp_path / "m", v1_weights, layout=layout, config=config)
     llm = mllmkit.build("llm", "qwen", path=str(folder), precision="fp32")
     assert type(llm.hf_model).__name__ == "Qwen2ForCausalLM"
-    assert llm.hidden_size == HIDDEN and llm.max_positions == SEQ
+    assert llm.hidden_size == HIDDEN
+    assert llm.max_positions == config.get("max_position_embeddings", config.get("n_positions"))  # not SEQ
     assert llm.hf_model.config.intermediate_size == 48 and llm.hf_model.config.vocab_size == VOCAB
     ids = torch.randint(0, 500, (1, SEQ), generator=torch.Generator().manual_seed(1))
     got = _logits(llm, ids)
@@ -86,15 +87,6 @@ def test_rotary_buffers_recomputed_not_meta(v1_folder):
     d = HIDDEN // HEADS
     torch.testing.assert_close(inv_freq, 1.0 / (5000.0 ** (torch.arange(0, d, 2).float() / d)))
     assert not any(t.is_meta for t in [*llm.parameters(), *llm.buffers()])
-
-
-def test_longer_than_seq_length_is_refused(v1_folder):
-    llm = mllmkit.build("llm", "qwen", path=str(v1_folder), dtype="fp32")
-    ids = torch.zeros(1, SEQ + 1, dtype=torch.long)
-    with pytest.raises(ValueError) as info:
-        llm.hidden(llm.embed(ids))
-    assert str(info.value) == (f"sequence of {SEQ + 1} tokens is longer than this model's {SEQ} positions; "
-                               f"shorten the input (max_text_len, chat history window)")
 
 
 def test_without_ntk_and_logn_there_is_no_limit_from_seq_length(tmp_path, v1_weights):
@@ -175,7 +167,12 @@ def test_dims_of_the_real_config_files():
 
     data = pathlib.Path(__file__).parent / "data"
     first, later = data / "qwen7b_chat_first_release.config.json", data / "qwen7b_chat_later_format.config.json"
-    from mllmkit_llm_qwen.convert import qwen_v1_hf_config, qwen_v1_max_positions
+    from mllmkit_llm_qwen.convert import (
+        LongContext,
+        qwen_v1_hf_config,
+        qwen_v1_long_context,
+        qwen_v1_max_positions,
+    )
 
     for config_file in (first, later):
         raw = json.loads(config_file.read_text())
@@ -183,8 +180,10 @@ def test_dims_of_the_real_config_files():
         assert (hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.intermediate_size,
                 hf.vocab_size) == (4096, 32, 32, 11008, 151936)
         assert hf.rms_norm_eps == 1e-6 and hf.rope_parameters["rope_theta"] == 10000
-    assert qwen_v1_max_positions(json.loads(first.read_text())) == 2048
-    assert qwen_v1_max_positions(json.loads(later.read_text())) == 8192
+    assert qwen_v1_max_positions(json.loads(first.read_text())) == 6144  # n_positions, past seq_length 2048
+    assert qwen_v1_long_context(json.loads(first.read_text())) == LongContext(2048, 6144, True, True)
+    assert qwen_v1_max_positions(json.loads(later.read_text())) == 32768  # max_position_embeddings
+    assert qwen_v1_long_context(json.loads(later.read_text())) == LongContext(8192, 32768, True, True)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
