@@ -1,306 +1,211 @@
-"""Benchmark: MiniGPT4Qwen-7B training throughput (LLM frozen, Linear trains) on one GPU.
+"""Benchmark: `mllmkit run recipes/minigpt4qwen7b.toml` training throughput and MFU on one GPU.
 
     PYTHONPATH=.:plugins/vision_eva:plugins/bridge_qformer:plugins/llm_qwen python bench/train_throughput.py
-    python bench/train_throughput.py --tiny        # CPU smoke test at toy size
+    python bench/train_throughput.py --tiny        # the same runs at toy size on the CPU (smoke test)
 
-Builds the full-size architecture through the real plugins (eva_vit_g fp16 from a random checkpoint
-written in LAVIS eva_vit_g.pth format and read back by the plugin's loader; qformer; linear; qwen
-preset qwen7b_chat bf16, random weights), then trains on synthetic instruction samples (one image =
-32 image tokens + 60–250 text tokens, half of the text an answer with labels; total capped at the
-seed's max_txt_len 256) in three configurations over the same samples:
+What runs is ``mllmkit run`` itself (:func:`mllmkit.train.launch.run_command`, the function behind the
+command, in this process): the 7B recipe with ``--set`` overrides only, on synthetic samples in the
+seed's JSON format (``image``/``instruction``/``output``) with JPEG images on disk. Weights: EVA ViT-g
+from a random checkpoint written here in LAVIS ``eva_vit_g.pth`` format (read by the plugin's loader);
+the Q-Former and Qwen-7B randomly initialised from their presets (their ``weights``/``path`` keys
+replaced by ``--set``; the full-size files are not written). Rows, each one run, same samples:
 
-* seed-faithful: micro-batch 1, every sample padded to 256, LLM gradient checkpointing, HF
-  ``hf_model(inputs_embeds, attention_mask, labels)`` (full-vocabulary logits, HF loss);
-* mllmkit best: ``MLLM.forward`` (head only at labelled positions), length-grouped micro-batches
-  right-padded to a multiple of 64, no gradient checkpointing, causal SDPA on the flash backend;
-* mllmkit best + cache_features: the same with the frozen EVA + Q-Former output computed once per
-  image (``MLLM.image_features``) and only the Linear applied per step.
+* seed-faithful: ``train.micro_batch_size=1 grad_accum=16``, ``data.pad_to_multiple=256`` (every
+  sample padded to the seed's 256), LLM gradient checkpointing, ``train.loss_logits=all`` (head at
+  every position, fp32 logits), random-crop augmentation;
+* mllmkit: micro-batch 16, ``data.group_by_length``, ``data.pad_to_multiple=64``, no checkpointing,
+  head at labelled tokens, ``data.augment=false``;
+* mllmkit + ``train.cache_features``: the same, two epochs, the second (features cached) measured.
 
-AdamW over the Linear only. Required FLOPs: 4·N_llm·tokens (frozen forward + input-gradient
-backward; the head counted at labelled positions only) + the vision/Q-Former forward (counted per
-image with torch's FlopCounterMode); MFU = required FLOP/s over the bf16 matmul rate measured here.
+samples/s come from each run's own ``metrics.jsonl`` (``log_every = 1``), over the steps after the
+warm-up ones. Required FLOPs per sample: 4·N_llm_body·tokens + 4·N_head·labelled tokens + 3× the
+trained Linear, + the frozen EVA + Q-Former forward (``FlopCounterMode``, per image; not counted for
+the cached row), averaged over the data set's samples as the recipe's encoder tokenises them; MFU =
+required FLOP/s over the bf16 matmul rate measured in this process.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
+import json
 import pathlib
 import random
-import statistics
 import sys
 import tempfile
 import time
 
+import tomllib
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _plugins as B  # noqa: E402
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import mllmkit  # noqa: E402
-from mllmkit.template import IGNORE_INDEX  # noqa: E402
-
-SEED_MAX_LEN = 256
-
-
-def make_samples(n: int, image_token: int, vocab_hi: int, image_tokens: int, rng: random.Random):
-    """``(ids, labels)`` lists: 4 prompt tokens, the image placeholders, a question, an answer."""
-    samples = []
-    for _ in range(n):
-        text = rng.randint(60, 250)
-        text = min(text, SEED_MAX_LEN - image_tokens)
-        answer = text // 2
-        question = text - answer - 4
-        head = [rng.randrange(vocab_hi) for _ in range(4)]
-        q = [rng.randrange(vocab_hi) for _ in range(question)]
-        a = [rng.randrange(vocab_hi) for _ in range(answer)]
-        ids = head + [image_token] * image_tokens + q + a
-        labels = [IGNORE_INDEX] * (len(ids) - answer) + a
-        samples.append((ids, labels))
-    return samples
+RECIPE = B.ROOT / "recipes" / "minigpt4qwen7b.toml"
+WORDS = ("the a of to and in is it that for on with as was this by at be from or an are which image picture "
+         "shows person man woman dog cat red blue green small large left right near far water tree sky car street "
+         "describe what where how many colour holding standing sitting looking two three several").split()
 
 
-def pad_batch(samples, length: int, pad_id: int, device):
-    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    for i, (s_ids, s_labels) in enumerate(samples):
-        ids[i, :len(s_ids)] = torch.tensor(s_ids)
-        labels[i, :len(s_labels)] = torch.tensor(s_labels)
-    return ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+def inline(table: dict) -> str:
+    """A TOML inline table (strings, numbers, booleans), for ``--set key={...}``."""
+    def value(v):
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else str(v)
+    return "{" + ", ".join(f"{k} = {value(v)}" for k, v in table.items()) + "}"
 
 
-def length_grouped(indices: list[int], samples, batch: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled megabatches of 8 micro-batches, sorted by length inside (as a length-grouped sampler)."""
-    idx = list(indices)
-    rng.shuffle(idx)
-    out = []
-    for m in range(0, len(idx), 8 * batch):
-        mega = sorted(idx[m:m + 8 * batch], key=lambda i: -len(samples[i][0]))
-        out += [mega[j:j + batch] for j in range(0, len(mega), batch)]
-    return out
+def write_data(folder: pathlib.Path, n: int, image_size: int, rng: random.Random) -> pathlib.Path:
+    """``n`` records in the seed's format and their JPEGs; questions 4–30 words, answers 8–80 (about the seed's 60–250 text tokens)."""
+    from PIL import Image
+
+    images = folder / "images"
+    images.mkdir(parents=True)
+    records = []
+    for i in range(n):
+        noise = torch.randint(0, 256, (image_size // 8, image_size // 8, 3), dtype=torch.uint8).numpy()
+        Image.fromarray(noise).resize((image_size, image_size)).save(images / f"{i}.jpg", quality=90)
+        words = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+        records.append({"image": f"{i}.jpg", "instruction": words(4, 30), "output": words(8, 80)})
+    annotations = folder / "train.json"
+    annotations.write_text(json.dumps(records))
+    return annotations
 
 
-def run_timed(step, items, warmup_items, device) -> dict:
-    """Warm up on ``warmup_items``, then time every item (events per step, total over the run)."""
-    for it in warmup_items:
-        step(it)
-    B.sync()
-    if device.type == "cuda":
+def model_overrides(tiny: bool, eva: pathlib.Path, checkpointing: bool) -> list[str]:
+    """The recipe's model with random weights: EVA from ``eva``, the Q-Former and Qwen from presets."""
+    model = tomllib.loads(RECIPE.read_text())["model"]
+    qformer = {k: v for k, v in model["bridges"][0].items() if k != "weights"}
+    llm = {k: v for k, v in model["llm"].items() if k != "path"}
+    llm["gradient_checkpointing"] = checkpointing
+    if tiny:
+        qformer = {"type": "qformer_tiny"}
+        llm.update(preset="qwen_tiny", precision="fp32")
+    sets = [f"model.vision.weights={json.dumps(str(eva))}", f"model.bridges[0]={inline(qformer)}",
+            f"model.llm={inline(llm)}"]
+    if tiny:
+        sets += ["model.vision.type=eva_tiny", "model.vision.precision=fp32"]
+    return sets
+
+
+def run_row(name: str, overrides: list[str], run_dir: pathlib.Path, skip_steps: int) -> dict:
+    """``mllmkit run`` with ``overrides``; samples/s over the steps after ``skip_steps`` from metrics.jsonl."""
+    from mllmkit.train.launch import run_command
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in items]
-        t0 = time.perf_counter()
-        for (s, e), it in zip(events, items):
-            s.record()
-            step(it)
-            e.record()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        times = [s.elapsed_time(e) for s, e in events]
-        peak = torch.cuda.max_memory_allocated() / 1e9
-    else:
-        times = []
-        t0 = time.perf_counter()
-        for it in items:
-            t = time.perf_counter()
-            step(it)
-            times.append((time.perf_counter() - t) * 1e3)
-        wall = time.perf_counter() - t0
-        peak = float("nan")
-    return {"wall_s": wall, "step_ms_median": statistics.median(times), "steps": len(items), "peak_gb": peak}
+    t0 = time.perf_counter()
+    run_command(str(RECIPE), overrides, output_dir=str(run_dir))
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("samples_per_s") and r["step"] > skip_steps]
+    samples_per_step = [r["samples_per_s"] for r in steps]
+    seconds = sum(1 / s for s in samples_per_step)  # each record is one step of the same number of samples
+    return {"row": name, "overrides": overrides, "measured_steps": len(steps), "run_wall_s": round(wall, 1),
+            "samples_per_s": len(steps) / seconds if steps else float("nan"),
+            "labelled_tokens_per_s": sum(r["tokens_per_s"] / r["samples_per_s"] for r in steps) / seconds,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan"),
+            "final_loss": steps[-1]["loss"] if steps else None}
+
+
+def flops_per_sample(overrides: list[str], annotations: pathlib.Path) -> dict:
+    """Parameter counts, per-image vision FLOPs and mean tokens per sample of the recipe's model and encoder."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import mllmkit
+    from mllmkit.builtin.datasets import MiniGPT4QwenInstructions
+    from mllmkit.data import SampleEncoder
+
+    recipe = mllmkit.load_recipe(str(RECIPE), overrides)
+    model = mllmkit.assemble(recipe)
+    device = next(model.llm.parameters()).device
+    model.to(device)
+    hf = model.llm.hf_model
+    n_body = sum(p.numel() for p in hf.model.layers.parameters()) + hf.model.norm.weight.numel()
+    n_head = hf.lm_head.weight.numel()
+    size = model.vision.image_size
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        features = model.image_features(torch.randn(1, 3, size, size, device=device))
+    vision = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.features_to_embeds(features)
+    linear = counter.get_total_flops()
+    data = MiniGPT4QwenInstructions("bench", annotations, annotations.parent / "images")
+    encoder = SampleEncoder(model.llm.template, model.tokens_per_image, model.vision.image_transform(False),
+                            recipe.train.max_text_len)
+    encoded = [encoder.encode_text(data[i]) for i in range(len(data))]
+    tokens = sum(len(e.input_ids) for e in encoded) / len(encoded)
+    labelled = sum(sum(1 for x in e.labels[1:] if x != -100) for e in encoded) / len(encoded)
+    del model, hf
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    text = 4 * n_body * tokens + 4 * n_head * labelled + 3 * linear
+    return {"llm_body_params": n_body, "llm_head_params": n_head, "vision_flops_per_image": vision,
+            "mean_tokens": tokens, "mean_labelled_tokens": labelled, "text_flops_per_sample": text}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test)")
-    ap.add_argument("--samples", type=int, default=512, help="samples for the mllmkit configurations")
-    ap.add_argument("--seed-samples", type=int, default=48, help="samples for the seed-faithful configuration")
-    ap.add_argument("--batch", type=int, default=16, help="mllmkit micro-batch (halved on out-of-memory)")
-    ap.add_argument("--profile", action="store_true", default=True)
+    ap.add_argument("--samples", type=int, default=1024, help="samples in the synthetic data set")
+    ap.add_argument("--seed-steps", type=int, default=4, help="optimizer steps (of 16 samples) of the seed row")
+    ap.add_argument("--batch", type=int, default=16, help="mllmkit micro-batch (the step stays 16 samples when ≤ 16)")
+    ap.add_argument("--workers", type=int, default=8, help="data.num_workers of every row")
     args = ap.parse_args()
     if args.tiny:
-        args.samples, args.seed_samples, args.batch = 24, 4, 4
-    device = torch.device("cpu" if args.tiny else "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        args.samples, args.seed_steps, args.batch, args.workers = 64, 3, 8, 0
     B.register_plugins()
     rng = random.Random(0)
     torch.manual_seed(0)
-
     from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G
     from mllmkit_vision_eva.random_checkpoint import write_random_checkpoint
 
-    result: dict = {**B.environment(), "tiny": args.tiny}
+    result: dict = {**B.environment(), "tiny": args.tiny, "recipe": str(RECIPE.relative_to(B.ROOT))}
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
-        eva_path = pathlib.Path(tmp) / "eva_vit_g.pth"
-        t0 = time.perf_counter()
-        write_random_checkpoint(eva_path, EVA_TINY if args.tiny else EVA_VIT_G,
-                                dtype=torch.float32 if args.tiny else torch.float16,
-                                device="cpu" if args.tiny else "cuda")
-        result["eva_checkpoint_write_s"] = round(time.perf_counter() - t0, 2)
-        result["eva_checkpoint_gb"] = round(eva_path.stat().st_size / 1e9, 3)
-        t0 = time.perf_counter()
-        recipe = B.recipe(args.tiny, eva_weights=eva_path, device=str(device) if not args.tiny else "cpu")
-        model = mllmkit.assemble(mllmkit.load_recipe(recipe))
-        result["assemble_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    model.to(device)
-    B.sync()
-    result["to_device_s"] = round(time.perf_counter() - t0, 2)
-    model.train()
-
-    llm = model.llm
-    hf = llm.hf_model
-    n_body = sum(p.numel() for p in hf.model.layers.parameters()) + sum(p.numel() for p in hf.model.norm.parameters())
-    n_head = hf.lm_head.weight.numel()
-    n_vision = sum(p.numel() for p in model.vision.parameters())
-    n_bridges = [sum(p.numel() for p in b.parameters()) for b in model.bridges]
-    result["params"] = {"llm_body": n_body, "llm_head": n_head, "vision": n_vision, "bridges": n_bridges}
-    size = model.vision.image_size
-    T_img = model.tokens_per_image
-
-    # FLOPs of one image through the frozen vision + Q-Former (+ linear), counted by torch.
-    from torch.utils.flop_counter import FlopCounterMode
-
-    probe = torch.randn(1, 3, size, size, device=device)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        feats = model.image_features(probe)
-    vision_flops = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.features_to_embeds(feats)
-    linear_fwd_flops = fc.get_total_flops()
-
-    samples = make_samples(args.samples, llm.template.image_token_id, llm.template.pad_token_id, T_img, rng)
-    pad_id = llm.template.pad_token_id
-    vision_dtype = next(model.vision.parameters()).dtype
-    pixels = torch.randn(args.samples, 3, size, size, device=device, dtype=vision_dtype)
-
-    def required_flops(idx: list[int], with_vision: bool) -> float:
-        tokens = sum(len(samples[i][0]) for i in idx)
-        labelled = sum(sum(1 for x in samples[i][1][1:] if x != IGNORE_INDEX) for i in idx)
-        flops = 4 * n_body * tokens + 4 * n_head * labelled + 3 * linear_fwd_flops * len(idx)
-        return flops + (vision_flops * len(idx) if with_vision else 0)
-
-    params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-
-    def opt_step():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    matmul = B.matmul_tflops()
-    result["bf16_matmul_tflops"] = round(matmul, 1)
-    configs: dict[str, dict] = {}
-
-    # -- seed-faithful --
-    llm.gradient_checkpointing(True)
-    hf.train()  # the seed's LAVIS model was in train mode
-    seed_idx = list(range(args.seed_samples))
-
-    def seed_step(i: int) -> None:
-        ids, labels = pad_batch([samples[i]], SEED_MAX_LEN, pad_id, device)
-        mask = (ids != pad_id).long()
-        embeds = model.embed(ids, pixels=pixels[i:i + 1])
-        out = hf(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        opt_step()
-
-    r = run_timed(seed_step, seed_idx, [seed_idx[0], seed_idx[1]], device)
-    r.update(samples=len(seed_idx), micro_batch=1, required_flops=required_flops(seed_idx, True))
-    configs["seed-faithful"] = r
-    llm.gradient_checkpointing(False)
-    hf.eval()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    # -- mllmkit best (+ cache_features) --
-    attn = (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])) if device.type == "cuda" else contextlib.nullcontext
-    cached = None
-
-    def best_step(batch_idx: list[int]) -> None:
-        chosen = [samples[i] for i in batch_idx]
-        length = math.ceil(max(len(s[0]) for s in chosen) / 64) * 64
-        ids, labels = pad_batch(chosen, length, pad_id, device)
-        index = torch.tensor(batch_idx, device=device)
-        if cached is not None:
-            image_embeds = model.features_to_embeds(cached[index])
-        else:
-            image_embeds = model.encode_images(pixels[index])
-        with attn():  # the LLM only: right padding + causal needs no mask, so SDPA can take flash
-            out = model(ids, labels, image_embeds=image_embeds)
-        (out.loss_sum / out.num_tokens.clamp(min=1)).backward()
-        opt_step()
-
-    def run_best(name: str, batch: int) -> int:
-        while True:
-            batches = length_grouped(range(args.samples), samples, batch, random.Random(1))
-            by_len: dict[int, list[int]] = {}
-            for b in batches:
-                by_len.setdefault(math.ceil(max(len(samples[i][0]) for i in b) / 64) * 64, b)
-            try:
-                r = run_timed(best_step, batches, list(by_len.values()), device)
-            except torch.OutOfMemoryError:
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                if batch == 1:
-                    raise
-                print(f"{name}: out of memory at micro-batch {batch}; trying {batch // 2}")
-                batch //= 2
-                continue
-            idx = [i for b in batches for i in b]
-            r.update(samples=len(idx), micro_batch=batch, required_flops=required_flops(idx, cached is None),
-                     padded_lengths=sorted(by_len))
-            configs[name] = r
-            return batch
-
-    batch = run_best("mllmkit best", args.batch)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        cached = torch.cat([model.image_features(pixels[i:i + 64]) for i in range(0, args.samples, 64)])
-    B.sync()
-    cache_s = time.perf_counter() - t0
-    run_best("mllmkit best + cache_features", batch)
-    configs["mllmkit best + cache_features"]["feature_cache_s"] = round(cache_s, 3)
-    configs["mllmkit best + cache_features"]["feature_cache_images_per_s"] = round(args.samples / cache_s, 1)
-
-    profile_text = None
-    if args.profile and device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        cached = None
-        batches = length_grouped(range(args.samples), samples, batch, random.Random(2))[:3]
-        best_step(batches[0])
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for b in batches[1:]:
-                best_step(b)
-            torch.cuda.synchronize()
-        profile_text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
-        result["profile_best_2_steps"] = {"table": profile_text}  # totals: the table's footer
-
-    rows = []
-    base = configs["seed-faithful"]
-    base_sps = base["samples"] / base["wall_s"]
-    for name, r in configs.items():
-        sps = r["samples"] / r["wall_s"]
-        tokens = sum(len(samples[i][0]) for i in range(r["samples"])) if name == "seed-faithful" else \
-            sum(len(s[0]) for s in samples)
-        r["samples_per_s"] = round(sps, 2)
-        r["tokens_per_s"] = round(tokens / r["wall_s"], 1)
-        r["achieved_tflops"] = round(r["required_flops"] / r["wall_s"] / 1e12, 1)
-        r["mfu"] = round(r["required_flops"] / r["wall_s"] / (matmul * 1e12), 4)
-        r["speedup_vs_seed"] = round(sps / base_sps, 2)
-        rows.append([name, r["micro_batch"], f"{sps:.1f}", f"{r['tokens_per_s']:.0f}",
-                     f"{r['step_ms_median']:.1f}", f"{r['peak_gb']:.1f}", f"{100 * r['mfu']:.1f}%",
-                     f"{r['speedup_vs_seed']:.2f}x"])
-    result["configs"] = configs
-    if profile_text:
-        print(profile_text)
+        tmp = pathlib.Path(tmp)
+        eva = write_random_checkpoint(tmp / "eva_vit_g.pth", EVA_TINY if args.tiny else EVA_VIT_G,
+                                      dtype=torch.float32 if args.tiny else torch.float16,
+                                      device="cpu" if args.tiny else "cuda")
+        annotations = write_data(tmp / "data", args.samples, 64 if args.tiny else 256, rng)
+        dataset = {"type": "minigpt4qwen_instruction", "annotations": str(annotations),
+                   "images": str(annotations.parent / "images")}
+        common = [f"data.train=[{inline(dataset)}]",
+                  f"data.num_workers={args.workers}", "parallel.type=single", "train.log_every=1",
+                  "train.save_every=100000", "train.warmup_steps=0", "train.loss_reduction=token"]
+        if args.tiny:
+            common += ["train.precision=fp32", "train.device=cpu"]
+        fast_model = model_overrides(args.tiny, eva, checkpointing=False)
+        costs = flops_per_sample(common + fast_model, annotations)
+        result["costs"] = costs
+        matmul = B.matmul_tflops()
+        result["bf16_matmul_tflops"] = round(matmul, 1)
+        accum = max(16 // args.batch, 1)
+        per_epoch = args.samples // (args.batch * accum)
+        fast = common + fast_model + [f"train.micro_batch_size={args.batch}", f"train.grad_accum={accum}",
+                                      "data.group_by_length=true", "data.pad_to_multiple=64", "data.augment=false"]
+        rows = [
+            run_row("seed-faithful", common + model_overrides(args.tiny, eva, checkpointing=True) + [
+                "train.micro_batch_size=1", "train.grad_accum=16", "data.pad_to_multiple=256",
+                "train.loss_logits=all", f"train.max_steps={args.seed_steps}"], tmp / "seed", skip_steps=1),
+            run_row("mllmkit", fast + ["train.epochs=1"], tmp / "fast", skip_steps=2),
+            run_row("mllmkit + cache_features", fast + ["train.epochs=2", "train.cache_features=true"],
+                    tmp / "cached", skip_steps=per_epoch),
+        ]
+    base = rows[0]["samples_per_s"]
+    table = []
+    for row in rows:
+        per_sample = costs["text_flops_per_sample"] + (0 if "cache" in row["row"] else costs["vision_flops_per_image"])
+        row["mfu"] = row["samples_per_s"] * per_sample / (matmul * 1e12)
+        row["vs_seed"] = row["samples_per_s"] / base
+        table.append([row["row"], f"{row['samples_per_s']:.1f}", f"{row['labelled_tokens_per_s']:.0f}",
+                      f"{row['peak_gb']:.1f}", f"{100 * row['mfu']:.1f}%", f"{row['vs_seed']:.2f}x",
+                      row["measured_steps"]])
+    result["rows"] = rows
     B.write_result("train_throughput_tiny" if args.tiny else "train_throughput", result, args.tiny)
     print(f"device {result['device']}, torch {result['torch']}, transformers {result['transformers']}; "
-          f"bf16 matmul {matmul:.0f} TFLOP/s; eva_vit_g.pth write {result['eva_checkpoint_write_s']} s, "
-          f"assemble (eva load + qformer + qwen7b init) {result['assemble_s']} s")
-    B.print_table("training throughput (MiniGPT4Qwen-7B, LLM frozen)",
-                  ["config", "mb", "samples/s", "tokens/s", "step ms (med)", "peak GB", "MFU", "vs seed"], rows)
+          f"bf16 matmul {matmul:.0f} TFLOP/s; {costs['mean_tokens']:.0f} tokens "
+          f"({costs['mean_labelled_tokens']:.0f} labelled) per sample")
+    B.print_table("mllmkit run, MiniGPT4Qwen-7B (LLM frozen, Linear trains)",
+                  ["row", "samples/s", "labelled tok/s", "peak GB", "MFU", "vs seed", "steps"], table)
 
 
 if __name__ == "__main__":
