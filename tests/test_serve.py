@@ -141,6 +141,7 @@ def test_api_key_is_required_when_set(model):
         assert client(url, key="s3cret").chat.completions.create(model="toy", messages=user("hi")).choices
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_clients_get_their_own_answers(model):
     colours = [(16 * i, 255 - 16 * i, (90 * i) % 256) for i in range(16)]
     requests = [(f"question {i}: {'x' * i}", png(colour)) for i, colour in enumerate(colours)]
