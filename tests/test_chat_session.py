@@ -64,6 +64,22 @@ def test_greedy_answer_matches_written_out_greedy_and_is_deterministic(session):
     assert session.history == [("hello", answer), ("again", session.turns[1].answer)]
 
 
+def test_history_keeps_the_answer_stripped_as_qwen_chat_does(session):
+    """Qwen's chat strips the decoded answer before it enters the history: the next prompt holds it so."""
+    hf = session.model.llm.hf_model
+    head = torch.nn.Linear(hf.lm_head.in_features, hf.lm_head.out_features, bias=True)
+    with torch.no_grad():  # logits: ' ' 1.0, 'x' 0.9, the rest -1e4; penalty 1.2 -> ' ', 'x', then ' ' again
+        head.weight.zero_()
+        head.bias.fill_(-1e4)
+        head.bias[ord(" ")], head.bias[ord("x")] = 1.0, 0.9
+    hf.lm_head = head
+    session.settings = GenerationSettings(max_new_tokens=6, repetition_penalty=1.2)
+    assert "".join(session.stream("hello")) == " x    "  # what was generated, streamed as is
+    assert session.history == [("hello", "x")]
+    assert session.ask("again") == "x"
+    assert session.last_prompt_ids == prompt_ids(("hello", 0, "x"), ("again", 0, None))
+
+
 def test_image_prompt_and_answer_use_the_image_embeddings(session, tiny_image):
     answer = session.ask("what?", images=[tiny_image])
     ids = prompt_ids(("what?", 1, None))

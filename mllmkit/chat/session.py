@@ -210,7 +210,7 @@ class ChatSession:
             torch.manual_seed(self.settings.seed)
 
     def _finish(self, turn: Turn, answer: str) -> None:
-        turn.answer = answer
+        turn.answer = answer.strip()  # as Qwen's chat keeps it: its decode strips the answer before the history
         self.turns.append(turn)
         self.pending = []
 
@@ -236,12 +236,12 @@ class ChatSession:
                             on_token=streamer.token if streamer is not None else None)
 
     def ask(self, text: str, images: Iterable[Any] = ()) -> str:
-        """Add ``images`` (paths or PIL images), ask ``text``, return the whole answer."""
+        """Add ``images`` (paths or PIL images), ask ``text``, return the whole answer as the history keeps
+        it (stripped of surrounding whitespace)."""
         turn, embeds, mask, max_new = self._inputs(text, images)
         self._seed()
-        answer = self.tokenizer.decode(self._decode(embeds, mask, max_new))
-        self._finish(turn, answer)
-        return answer
+        self._finish(turn, self.tokenizer.decode(self._decode(embeds, mask, max_new)))
+        return turn.answer
 
     def stream(self, text: str, images: Iterable[Any] = ()) -> Iterator[str]:
         """Like :meth:`ask`, yielding the answer's text as it is generated (beam search: in one piece).
