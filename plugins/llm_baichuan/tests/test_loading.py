@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from mllmkit_llm_baichuan import ALIBI_MESSAGE, Baichuan2Config, baichuan_dims, build_baichuan
 from mllmkit_llm_baichuan.random_checkpoint import TINY, random_state_dict, write_config
 
+from mllmkit.interfaces import BuildContext
 from mllmkit.weights import WeightsError
+
+FP32 = BuildContext(key="model.llm", dtype=torch.float32)
 
 
 def reference_logits(sd: dict[str, torch.Tensor], ids: torch.Tensor, heads: int, eps: float = 1e-6) -> torch.Tensor:
@@ -54,7 +57,7 @@ def _logits(llm, ids):
 
 
 def test_parity_with_reference_forward(baichuan_folder):
-    llm = build_baichuan(Baichuan2Config(path=baichuan_folder, precision="fp32"))
+    llm = build_baichuan(Baichuan2Config(path=baichuan_folder), FP32)
     ids = torch.tensor([[5, 300, 17, 42, 99, 250, 3, 1]])
     expected = reference_logits(random_state_dict(), ids, heads=TINY["num_attention_heads"])
     torch.testing.assert_close(_logits(llm, ids), expected, atol=1e-5, rtol=1e-5)
@@ -63,7 +66,7 @@ def test_parity_with_reference_forward(baichuan_folder):
 
 
 def test_w_pack_split_and_normalised_head(baichuan_folder):
-    llm = build_baichuan(Baichuan2Config(path=baichuan_folder, precision="fp32"))
+    llm = build_baichuan(Baichuan2Config(path=baichuan_folder), FP32)
     sd, h = random_state_dict(), TINY["hidden_size"]
     attn = llm.hf_model.model.layers[1].self_attn
     w_pack = sd["model.layers.1.self_attn.W_pack.weight"]
@@ -74,8 +77,10 @@ def test_w_pack_split_and_normalised_head(baichuan_folder):
     assert llm.hf_model.generation_config.eos_token_id == [2, 195]
 
 
-def test_bf16_precision_and_frozen(baichuan_folder):
-    llm = build_baichuan(Baichuan2Config(path=baichuan_folder))
+def test_bf16_precision_by_default_and_frozen_by_the_core(plugin_host, baichuan_folder):
+    import mllmkit
+
+    llm = mllmkit.build("llm", "baichuan2", path=str(baichuan_folder))
     assert {p.dtype for p in llm.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in llm.parameters()) and not llm.hf_model.training
     assert llm.hf_model.model.rotary_emb.inv_freq.dtype == torch.float32
@@ -95,14 +100,14 @@ def test_shards_with_bin_index_and_safetensors(baichuan_folder):
         {"metadata": {}, "weight_map": {k: name for name, part in parts.items() for k in part}}))
     ids = torch.tensor([[7, 8, 9, 10]])
     expected = reference_logits(sd, ids, heads=TINY["num_attention_heads"])
-    llm = build_baichuan(Baichuan2Config(path=baichuan_folder, precision="fp32"))
+    llm = build_baichuan(Baichuan2Config(path=baichuan_folder), FP32)
     torch.testing.assert_close(_logits(llm, ids), expected, atol=1e-5, rtol=1e-5)
 
     for name in parts:
         (baichuan_folder / name).unlink()
     (baichuan_folder / "pytorch_model.bin.index.json").unlink()
     save_file(sd, str(baichuan_folder / "model.safetensors"))
-    llm = build_baichuan(Baichuan2Config(path=baichuan_folder, precision="fp32"))
+    llm = build_baichuan(Baichuan2Config(path=baichuan_folder), FP32)
     torch.testing.assert_close(_logits(llm, ids), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from mllmkit_llm_baichuan import Baichuan2Config, build_baichuan, load_tokenizer, tiny_tokenizer
 from mllmkit_llm_baichuan.tokenizer import _tiny_proto
 
 from mllmkit.errors import DataError, UserError
+from mllmkit.interfaces import BuildContext
 from mllmkit.template import IGNORE_INDEX, IMAGE_SPAN, encode_pieces
 
 U, A, EOS, IMG = 195, 196, 2, 202
@@ -17,7 +19,8 @@ X = IGNORE_INDEX
 def llm(tmp_path_factory):
     from mllmkit_llm_baichuan.random_checkpoint import write_folder
 
-    return build_baichuan(Baichuan2Config(path=write_folder(tmp_path_factory.mktemp("b") / "m"), precision="fp32"))
+    return build_baichuan(Baichuan2Config(path=write_folder(tmp_path_factory.mktemp("b") / "m")),
+                          BuildContext(key="model.llm", dtype=torch.float32))
 
 
 def test_reserved_pieces_never_come_from_text(tokenizer_file):
