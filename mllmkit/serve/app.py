@@ -13,6 +13,7 @@ including unknown routes, is OpenAI's ``{"error": {...}}`` body with its HTTP st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -80,10 +81,17 @@ def _max_new_tokens(request: ChatRequest, engine: Engine, prompt_tokens: int) ->
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, image_limits: ImageLimits | None = None,
                max_body_bytes: int = 32 * 1024 * 1024) -> FastAPI:
-    """The API over ``engine`` (which the caller starts and stops), serving it as ``model_name``."""
+    """The API over ``engine`` (which the caller starts; the app stops it when the server shuts down),
+    serving it as ``model_name``."""
     limits = image_limits or ImageLimits()
     created = int(time.time())
-    app = FastAPI(title="mllmkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.stop)  # uvicorn has finished the requests in flight; end the worker
+
+    app = FastAPI(title="mllmkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

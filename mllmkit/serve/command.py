@@ -25,7 +25,7 @@ __all__ = ["build_server", "register_command"]
 def build_server(engine, *, host: str, port: int, model_name: str, api_key: str | None = None,
                  image_limits=None, max_body_bytes: int = 32 * 1024 * 1024, log_level: str = "info"):
     """A ``uvicorn.Server`` for the API over ``engine`` (start the engine, then ``server.run()``).
-    Shutdown waits for every request in flight (no graceful-shutdown timeout)."""
+    Shutdown waits for every request in flight (no graceful-shutdown timeout), then stops the engine."""
     import uvicorn
 
     from mllmkit.serve.app import create_app
@@ -108,10 +108,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"mllmkit serve: {args.served_model_name or name} on http://{args.host}:{args.port}/v1 "
           f"(batches of up to {engine.max_batch}, queue {engine.max_queue})", file=sys.stderr, flush=True)
     engine.start()
-    try:
-        server.run()
-    finally:
-        engine.stop()
+    server.run()  # on SIGTERM/SIGINT: finishes the requests in flight, stops the engine, then exits by that signal
     return 0
 
 
