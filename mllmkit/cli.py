@@ -107,7 +107,8 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     import importlib
 
     found = []
-    for module_name in ("mllmkit.chat.commands", "mllmkit.convert", "mllmkit.scaffold", "mllmkit.serve.command"):
+    for module_name in ("mllmkit.chat.commands", "mllmkit.convert", "mllmkit.scaffold", "mllmkit.serve.command",
+                        "mllmkit.eval.command"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -19,12 +19,7 @@ from mllmkit.eval.tasks.mmbench import MmbenchConfig, MmbenchTask, rotations
 from mllmkit.eval.tasks.mme import MmeConfig, MmeTask
 from mllmkit.eval.tasks.pope import PopeConfig, PopeTask
 from mllmkit.eval.tasks.vqa import TextVqaConfig, VqaTask, Vqav2Config
-
-
-def picture(path, colour=(200, 30, 30)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), colour).save(path)
-    return path
+from mllmkit.testing.benchmarks import picture, write_pope
 
 
 # -- answer reading --
@@ -77,24 +72,6 @@ def test_vqa_soft_accuracy_over_the_leave_one_out_subsets():
 
 
 # -- POPE --
-def write_pope(folder):
-    for i in range(4):
-        picture(folder / "val2014" / f"COCO_val2014_{i:012d}.jpg")
-    records = {
-        "adversarial": [(1, 0, "yes"), (2, 1, "no"), (3, 2, "yes"), (4, 3, "no")],
-        "popular": [(1, 0, "yes"), (2, 1, "no")],
-        "random": [(1, 0, "no"), (2, 1, "yes")],
-    }
-    for split, rows in records.items():
-        lines = [json.dumps({"question_id": q, "image": f"COCO_val2014_{i:012d}.jpg",
-                             "text": f"Is there a thing {q}?", "label": label}) for q, i, label in rows]
-        if split == "random":
-            lines += ['{"question_id": 9, "image": "COCO_val2014_000000000000.jpg", "text": "Is there?"}',
-                      "not json",
-                      json.dumps({"question_id": 10, "image": "nope.jpg", "text": "?", "label": "yes"})]
-        (folder / f"coco_pope_{split}.json").write_text("\n".join(lines) + "\n")
-
-
 def test_pope_metrics_per_split(tmp_path):
     write_pope(tmp_path)
     task = PopeTask(PopeConfig(data=tmp_path))

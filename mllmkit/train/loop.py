@@ -32,12 +32,12 @@ from mllmkit.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mllmkit.train.evaluate import exact_match
+from mllmkit.train.evaluate import TrainingEvaluator
 from mllmkit.train.feature_cache import FeatureCache
 from mllmkit.train.metrics import MetricsWriter
 from mllmkit.train.optim import build_adamw, check_lr_scale, make_lr_schedule
 
-__all__ = ["TrainResult", "build_backend", "evaluate", "train"]
+__all__ = ["TrainResult", "build_backend", "train"]
 
 
 @attrs.frozen
@@ -129,6 +129,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         losses: list[float] = []
         window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
         eval_result = None
+        evaluator = TrainingEvaluator(recipe, backend, eval_sets, eval_encoder, run_dir, model)
 
         def save() -> dict[str, Any]:
             trainer_state = {"step": engine.step, "epoch": engine.step // per_epoch,
@@ -176,8 +177,8 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                                          tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                     window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
                 progress.update(1)  # after the postfix: the bar shows this step's loss and lr, not the last one's
-                if settings.eval_every and step % settings.eval_every == 0 and step < total_steps and eval_sets:
-                    metrics.write({"step": step, **evaluate(engine, backend, eval_sets, eval_encoder, settings)})
+                if evaluator.due(step, total_steps):
+                    metrics.write({"step": step, **evaluator(engine)})
                 if settings.save_every and step % settings.save_every == 0 and step < total_steps:
                     save()
         progress.close()
@@ -192,9 +193,10 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
             skips.write_jsonl(run_dir / "skipped.jsonl")
             if skips.seen:
                 print(skips.summary(), file=sys.stderr)
-        if eval_sets:
-            eval_result = evaluate(engine, backend, eval_sets, eval_encoder, settings)
-            metrics.write({"step": engine.step, **eval_result})
+        if evaluator.enabled:
+            record = evaluator(engine)
+            metrics.write({"step": engine.step, **record})
+            eval_result = record if eval_sets else None  # launch.py prints the held-out keys
         metrics.close()
         backend.barrier()
         return TrainResult(run_dir=run_dir, steps=engine.step, losses=losses, eval=eval_result,
@@ -203,44 +205,6 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         if progress is not None:
             progress.close()  # also when the run stops with an error: its message starts on a line of its own
         backend.shutdown()
-
-
-def evaluate(engine, backend, eval_sets, encoder: SampleEncoder, settings) -> dict[str, Any]:
-    """Held-out loss (per labelled token) and exact-match accuracy, summed over ranks."""
-    model = engine.model
-    loss_sum = tokens = 0.0
-    correct = total = 0
-    examples: list[dict] = []
-    collate = Collator(encoder.template.pad_token_id)
-    chance = []
-    for dataset in eval_sets:
-        mine = list(range(backend.rank, len(dataset), backend.world_size))
-        for start in range(0, len(mine), settings.micro_batch_size * 4):
-            items = []
-            for index in mine[start:start + settings.micro_batch_size * 4]:
-                try:
-                    items.append(encoder(dataset[index]))
-                except UserError:
-                    continue  # unusable held-out samples are left out of the scores
-            s, n = engine.eval_loss(collate(items))
-            loss_sum, tokens = loss_sum + s, tokens + n
-        picked = []
-        for index in mine:
-            try:
-                picked.append(dataset[index])
-            except UserError:
-                continue
-        c, t, ex = exact_match(model, picked, encoder, model.llm.tokenizer, settings.eval_max_new_tokens,
-                               engine.device)
-        correct, total, examples = correct + c, total + t, examples + ex
-        if hasattr(dataset, "chance_accuracy"):
-            chance.append((dataset.chance_accuracy(), len(dataset)))
-    sums = backend.all_reduce(torch.tensor([loss_sum, tokens, correct, total], dtype=torch.float64)).tolist()
-    result: dict[str, Any] = {"eval_loss": sums[0] / max(sums[1], 1.0), "eval_accuracy": sums[2] / max(sums[3], 1.0),
-                              "eval_questions": int(sums[3]), "eval_examples": examples[:4]}
-    if chance:
-        result["chance_accuracy"] = sum(a * n for a, n in chance) / sum(n for _, n in chance)
-    return result
 
 
 def _length(dataset, index: int) -> int:
