@@ -26,6 +26,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     wiring = check_wiring(recipe)
+    _check_run_settings(recipe)
     chain = [f"{recipe.vision.type} ({wiring.vision.out_dim}d × {wiring.vision.out_tokens} tokens)"]
     for bridge, dims in zip(recipe.bridges, wiring.bridges):
         tokens = f" × {dims.out_tokens} tokens" if dims.out_tokens else ""
@@ -33,11 +34,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     chain.append(f"{recipe.llm.type} (hidden {wiring.llm.out_dim})")
     print(f"ok: {recipe.path}")
     print("  model:    " + " → ".join(chain))
-    print("  data:     " + (", ".join(d.type for d in recipe.train_data) or "(no training data)"))
+    print("  data:     " + ", ".join(d.type for d in recipe.train_data))
     print(f"  parallel: {recipe.parallel.type}")
     for line in recipe.missing_inputs():
         print(f"  not there yet (mllmkit run needs it): {line}")
     return 0
+
+
+def _check_run_settings(recipe) -> None:
+    """What ``mllmkit run`` would refuse later, refused by ``check`` now (with key paths)."""
+    from mllmkit.errors import RecipeError
+
+    file = str(recipe.path) if recipe.path else "<recipe>"
+    if not recipe.train_data:
+        raise RecipeError("data.train", "no training data: mllmkit run needs at least one [[data.train]] table "
+                                        "(type = a dataset component)", file=file)
+    for key in recipe.train.lr_scale:
+        if key.startswith("bridges.") and int(key.split(".")[1]) >= len(recipe.bridges):
+            raise RecipeError(f"train.lr_scale.{key}", f"matches no part: the recipe has {len(recipe.bridges)} "
+                                                       f"bridge(s), bridges.0 to bridges.{len(recipe.bridges) - 1}",
+                              file=file)
 
 
 def _cmd_print_config(args: argparse.Namespace) -> int:

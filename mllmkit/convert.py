@@ -1,8 +1,9 @@
 """``mllmkit convert CKPT --to OUT``: any training checkpoint → the project's export folder.
 
 The export (``trainable.safetensors`` keyed by MLLM parameter names + ``recipe.toml``) is what
-``mllmkit chat`` and every backend load. Accepted inputs, recognised by their files and key names,
-never by layer indices:
+``mllmkit chat`` and every backend load. Accepted inputs (read by
+:func:`mllmkit.checkpoint_formats.read_checkpoint`, which chat uses too), recognised by their files and
+key names, never by layer indices:
 
 - mllmkit checkpoints of any backend (``single``, ``ddp``, ``zero`` at any stage, ``pipeline``):
   ``<run>/checkpoints/step_N`` or an export folder — already keyed by MLLM names;
@@ -29,62 +30,13 @@ from typing import Any
 import torch
 
 from mllmkit.errors import UserError
-from mllmkit.weights import WeightsError, safe_torch_load
+from mllmkit.weights import WeightsError
 
-__all__ = ["convert_checkpoint", "read_checkpoint_tensors", "register_command"]
+__all__ = ["convert_checkpoint", "register_command"]
 
 _SEED_PROJ = re.compile(r"(?:.*\.)?llm_proj\.(weight|bias)")
 _SEED_LLM = re.compile(r"(?:.*\.)?(llm_model\.|transformer\.|wtepipe\.|layer\.|final_layernorm\.|lm_head\.)")
 _SEED_FROZEN = re.compile(r"(?:.*\.)?(visual_encoder|ln_vision|Qformer|query_tokens|occupy)(\.|$)")
-
-
-def _deepspeed_tag_folder(path: pathlib.Path) -> pathlib.Path:
-    latest = path / "latest"
-    if latest.is_file() and not any(path.glob("*model_states.pt")):
-        tag = latest.read_text().strip()
-        if (path / tag).is_dir():
-            return path / tag
-    return path
-
-
-def _zero3_consolidated(folder: pathlib.Path) -> dict[str, torch.Tensor]:
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError:
-        raise UserError(f"{folder}: a ZeRO-3 DeepSpeed checkpoint (partitioned weights); consolidating it needs "
-                        f"the deepspeed package (pip install 'mllmkit[deepspeed]')") from None
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
-
-
-def read_checkpoint_tensors(path: str | pathlib.Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Tensors by their stored names and a word for the layout found."""
-    from mllmkit.checkpoint_formats import EXPORT_WEIGHTS, read_trainable_weights
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        path = _deepspeed_tag_folder(path)
-        if (path / EXPORT_WEIGHTS).is_file():
-            return read_trainable_weights(path / EXPORT_WEIGHTS), "mllmkit"
-        layers = sorted(path.glob("layer_*-model_states.pt"))
-        if layers:
-            tensors: dict[str, torch.Tensor] = {}
-            for layer in layers:
-                for key, value in safe_torch_load(layer).items():
-                    if isinstance(value, torch.Tensor):
-                        tensors[key] = value
-            return tensors, "deepspeed pipeline"
-        states = path / "mp_rank_00_model_states.pt"
-        if states.is_file():
-            module = safe_torch_load(states).get("module")
-            if not isinstance(module, dict):
-                raise WeightsError(f"{states}: no 'module' state dict inside")
-            tensors = {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}
-            if any(v.numel() == 0 for v in tensors.values()) and any(path.glob("*zero_pp_rank_*optim_states.pt")):
-                return _zero3_consolidated(path), "deepspeed zero-3"
-            return tensors, "deepspeed"
-    return read_trainable_weights(path), "torch"
 
 
 def _find_recipe(ckpt: pathlib.Path, recipe: str | None) -> pathlib.Path:
@@ -116,7 +68,7 @@ def convert_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, recipe
     import tomli_w
 
     from mllmkit.assemble import check_wiring
-    from mllmkit.checkpoint_formats import EXPORT_WEIGHTS
+    from mllmkit.checkpoint_formats import EXPORT_WEIGHTS, read_checkpoint
     from mllmkit.recipe import load_recipe
     from mllmkit.train.checkpoint import write_atomically
 
@@ -124,7 +76,7 @@ def convert_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, recipe
     recipe_path = _find_recipe(ckpt, recipe)
     loaded = load_recipe(recipe_path, list(overrides))
     wiring = check_wiring(loaded)
-    tensors, layout = read_checkpoint_tensors(ckpt)
+    tensors, layout = read_checkpoint(ckpt)
     prefixes = _trainable_prefixes(loaded)
     exported: dict[str, torch.Tensor] = {}
     if layout == "mllmkit":

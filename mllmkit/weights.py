@@ -19,6 +19,7 @@ import json
 import pathlib
 import pickle
 import re
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,8 +29,8 @@ from torch import nn
 
 from mllmkit.errors import UserError
 
-__all__ = ["WeightsError", "safe_torch_load", "checkpoint_files", "iter_tensors", "KeyMap", "load_into",
-           "LoadReport", "materialize_meta", "meta_parameters", "real_parameters"]
+__all__ = ["WeightsError", "safe_torch_load", "read_safetensors", "checkpoint_files", "iter_tensors", "KeyMap",
+           "load_into", "LoadReport", "meta_parameters", "real_parameters"]
 
 _real_depth = 0  # > 0 inside real_parameters(): meta_parameters() keeps what is registered
 
@@ -73,21 +74,51 @@ class WeightsError(UserError):
 
 
 def safe_torch_load(path: str | pathlib.Path) -> Any:
-    """``torch.load`` that never executes pickled code and memory-maps where it can."""
+    """``torch.load`` that never executes pickled code and memory-maps where it can; a file that is
+    not a readable torch checkpoint (random bytes, truncated, unsafe) is a :class:`WeightsError`."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"{path}: refused to load: the file contains pickled objects that are not plain tensors and "
-            f"containers, and loading them could run code ({str(exc).splitlines()[0]})"
-        ) from None
-    except RuntimeError as exc:
-        if "mmap" in str(exc) or "zip" in str(exc):  # legacy (non-zip) format cannot be memory-mapped
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            # the legacy (non-zip) format cannot be memory-mapped
             return torch.load(path, map_location="cpu", weights_only=True)
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({exc})") from None
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        unsafe = [line for line in lines if "GLOBAL" in line]
+        if unsafe:
+            raise WeightsError(
+                f"{path}: refused to load: the file contains pickled objects that are not plain tensors and "
+                f"containers, and loading them could run code ({unsafe[0]})") from None
+        cause = next((line for line in lines if line.startswith("Unsupported") or "error:" not in line.lower()
+                      and not line.startswith(("Weights only", "Check the documentation"))), lines[0] if lines else "")
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({cause[:300]})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, struct.error) as exc:
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
+
+
+def read_safetensors(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file; a truncated, empty or lying-header file is a :class:`WeightsError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def checkpoint_files(path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -115,11 +146,7 @@ def checkpoint_files(path: str | pathlib.Path) -> list[pathlib.Path]:
 
 def _file_tensors(path: pathlib.Path, subkey: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                yield key, handle.get_tensor(key)
+        yield from read_safetensors(path).items()
         return
     obj = safe_torch_load(path)
     if subkey is not None:
@@ -201,6 +228,9 @@ def load_into(module: nn.Module, shards: Iterable[list[tuple[str, torch.Tensor]]
                 if tuple(value.shape) != tuple(want.shape):
                     raise WeightsError(f"{source}: {key} has shape {list(value.shape)}, the model expects "
                                        f"{list(want.shape)} for {target}")
+                if want.is_floating_point() and not value.is_floating_point():
+                    raise WeightsError(f"{source}: {key} holds {str(value.dtype).removeprefix('torch.')} values, "
+                                       f"the model expects floating point numbers for {target}")
                 if value.is_floating_point():
                     keep = any(re.fullmatch(p, target) for p in keep_fp32)
                     value = value.to(torch.float32 if keep else (dtype or want.dtype))
@@ -226,16 +256,3 @@ def _is_buffer(module: nn.Module, key: str) -> bool:
     owner, _, name = key.rpartition(".")
     sub = module.get_submodule(owner) if owner else module
     return name in dict(sub.named_buffers(recurse=False))
-
-
-def materialize_meta(module: nn.Module, device: torch.device | str = "cpu") -> None:
-    """Give any parameter or buffer still on the meta device real (zero) storage on ``device``."""
-    for sub in module.modules():
-        for name, param in list(sub.named_parameters(recurse=False)):
-            if param.is_meta:
-                setattr(sub, name, nn.Parameter(torch.zeros_like(param, device=device),
-                                                requires_grad=param.requires_grad))
-        for name, buf in list(sub.named_buffers(recurse=False)):
-            if buf is not None and buf.is_meta:
-                sub.register_buffer(name, torch.zeros_like(buf, device=device),
-                                    persistent=name not in sub._non_persistent_buffers_set)

@@ -25,9 +25,10 @@ def session(plugin_host, toy_recipe):
     return session
 
 
-def drive(session: ChatSession, text: str, images: tuple[str, ...] = ()) -> list[str]:
+def drive(session: ChatSession, text: str, images: tuple[str, ...] = (), rc: int = 0) -> list[str]:
+    """The REPL's output lines; ``rc``: its exit code (2 when a line of the piped input failed)."""
     out = io.StringIO()
-    assert run_repl(session, io.StringIO(text), out, images=images) == 0
+    assert run_repl(session, io.StringIO(text), out, images=images) == rc
     return out.getvalue().splitlines()
 
 
@@ -40,7 +41,7 @@ def test_questions_are_answered_and_history_shown(session):
 
 
 def test_help_quit_clear_and_unknown(session):
-    lines = drive(session, ":h\n:cl\n:bogus\n:q\nnot asked\n")
+    lines = drive(session, ":h\n:cl\n:bogus\n:q\nnot asked\n", rc=2)
     help_lines = HELP.format(names="max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, "
                                    "num_beams, seed, compile_decode").splitlines()
     assert lines == [*help_lines, "(screen cleared)",
@@ -56,7 +57,7 @@ def test_images_commands(session, tiny_image, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("text")
     lines = drive(session, f":img\n:image {tmp_path / 'missing.png'}\n:image {bad}\n:image {tiny_image}\n:img\n"
-                           f"what\n:img\n:clh\n:img\n:his\n:reset\n:img\n")
+                           f"what\n:img\n:clh\n:img\n:his\n:reset\n:img\n", rc=2)
     assert lines[0] == "(no images)"
     assert lines[1] == f"error: image not found: {tmp_path / 'missing.png'}"
     assert lines[2].startswith(f"error: cannot read image {bad}: ")
@@ -68,9 +69,41 @@ def test_images_commands(session, tiny_image, tmp_path):
     ]
 
 
+def test_bad_image_files_mid_conversation_keep_the_conversation(session, tiny_image, tmp_path):
+    """Every picture Pillow fails on (a header declaring a decompression bomb, a broken PNG chunk, an
+    over-long name) is one error line; the turns before it stay and the chat goes on."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    (tmp_path / "bomb.png").write_bytes(header + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    rows = zlib.compress(bytes(25 * 8))
+    small = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+    (tmp_path / "chunk.png").write_bytes(small + chunk(b"IDAT", rows[:5]) + chunk(b"\x01\x02\x03\x04", rows[5:]))
+    long_name = tmp_path / ("y" * 300 + ".png")
+    reference = ChatSession.like(session)
+    first, second = reference.ask("hello"), reference.ask("again", images=[tiny_image])
+    lines = drive(session, f"hello\n:image {tmp_path / 'bomb.png'}\n:image {tmp_path / 'chunk.png'}\n"
+                           f":image {long_name}\n:image {tiny_image}\nagain\n:his\n", rc=2)
+    shown = f"{str(long_name)[:60]}…{str(long_name)[-60:]} ({len(str(long_name))} characters)"
+    assert lines == [
+        f"Assistant: {first}",
+        f"error: cannot read image {tmp_path / 'bomb.png'}: its header declares more pixels than the limit of "
+        "67108864 (mllmkit.data.images.MAX_IMAGE_PIXELS)",
+        f"error: cannot read image {tmp_path / 'chunk.png'}: broken PNG file (chunk b'\\x01\\x02\\x03\\x04')",
+        f"error: image not found: {shown} (File name too long)",
+        f"image [0] added: {tiny_image}", f"Assistant: {second}",
+        "[1] User: hello", f"[1] Assistant: {first}", "[2] User: <Img><ImageHere></Img>again",
+        f"[2] Assistant: {second}",
+    ]
+
+
 def test_start_images_and_bad_start_image_is_an_error_line(session, tiny_image, tmp_path):
     answer = ChatSession.like(session).ask("q", images=[tiny_image])
-    lines = drive(session, "q\n", images=(str(tmp_path / "nope.png"), str(tiny_image)))
+    lines = drive(session, "q\n", images=(str(tmp_path / "nope.png"), str(tiny_image)), rc=2)
     assert lines == [f"error: image not found: {tmp_path / 'nope.png'}", f"image [0] added: {tiny_image}",
                      f"Assistant: {answer}"]
 
@@ -85,7 +118,7 @@ def test_seed_and_conf_change_generation(session):
     greedy = ChatSession.like(session).ask("hi")
     lines = drive(session, ":seed\n:seed 7\n:seed x\n:conf max_new_tokens=2\n:clh\nhi\n:conf top_k=abc\n"
                            ":conf nope=1\n:conf max_new_tokens=6 do_sample=true temperature=1.5\n:clh\nhi\n"
-                           ":reset-conf\n:clh\nhi\n:seed\n")
+                           ":reset-conf\n:clh\nhi\n:seed\n", rc=2)
     conf_lines = lambda **changed: [f"{k} = {v}" for k, v in
                                     {**GenerationSettings(seed=7).to_dict(), **changed}.items()]
     assert lines == [
@@ -156,7 +189,7 @@ def test_mllmkit_chat_subprocess_with_qwen_tiny_through_a_pipe(tmp_path, tiny_im
              "--image", str(tiny_image)],
             input=f"what is this?\n:his\n:image {tmp_path / 'nope.png'}\n:conf num_beams=2\nand now?\n:q\n",
             capture_output=True, text=True, timeout=120, env=env, check=False)
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 2, proc.stderr  # the missing image's line failed: a script must see it
         lines = proc.stdout.splitlines()
         assert lines[0] == f"image [0] added: {tiny_image}"
         assert lines[1].startswith("Assistant: ")

@@ -32,7 +32,9 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")  # after optimizer.pt is on disk, before the rest
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    from mllmkit.errors import UserError
+
+    with pytest.raises(UserError, match="disk full; nothing was replaced"):
         _save(tmp_path, 2, 2.0)
     monkeypatch.undo()
     folder = tmp_path / ckpt.CHECKPOINT_DIR
@@ -104,5 +106,5 @@ def test_resume_errors(tmp_path):
     assert ckpt.find_resume("auto", tmp_path) is None
     with pytest.raises(UserError, match="no such checkpoint"):
         ckpt.find_resume(str(tmp_path / "nope"), tmp_path)
-    with pytest.raises(UserError, match="not a checkpoint folder"):
+    with pytest.raises(UserError, match="not a complete checkpoint folder"):
         ckpt.load_checkpoint(tmp_path)

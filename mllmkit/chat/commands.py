@@ -21,6 +21,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def _session(args: argparse.Namespace):
     from mllmkit.chat import chat_session
+    from mllmkit.threads import set_cpu_threads
+
+    set_cpu_threads()
 
     return chat_session(args.recipe, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                         overrides=args.overrides, system=args.system)

@@ -2,8 +2,9 @@
 
 One model is shared; every browser session gets its own :class:`ChatSession` (held in ``gr.State``),
 so sessions never see each other's images or turns. Images can be uploaded at any time, one or
-several; chatting without an image is text-only chat. Uploads larger than ``max_upload_mb`` or
-that are not images get a message instead of a crash. The server binds to 127.0.0.1 unless told
+several; chatting without an image is text-only chat. Uploads larger than ``max_upload_mb`` (the
+server refuses them too) or that are not images get a message instead of a crash, and a refused
+file is deleted from gradio's upload folder; the rest of that cache is cleared after an hour. The server binds to 127.0.0.1 unless told
 otherwise and opens a public share link only when asked (``share=True``).
 
 API endpoints (for ``gradio_client``): ``/add_images`` (files), ``/respond`` (message, chat history,
@@ -32,19 +33,29 @@ def require_gradio():
 
 
 def check_upload(path: str | pathlib.Path, max_upload_mb: float) -> str | None:
-    """Why an uploaded file cannot be used as an image (None if it can)."""
-    from PIL import Image, UnidentifiedImageError
+    """Why an uploaded file cannot be used as an image (None if it can): too large, or not a picture
+    :func:`mllmkit.data.images.read_image` accepts (this decodes it, so a corrupt file or a header
+    declaring a giant picture is refused here, not when the question is asked)."""
+    from mllmkit.data.images import read_image
 
     path = pathlib.Path(path)
     size_mb = path.stat().st_size / 2**20
     if size_mb > max_upload_mb:
         return f"{path.name}: {size_mb:.1f} MB is larger than the {max_upload_mb:g} MB upload limit"
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, ValueError):
+        read_image(path)
+    except UserError:
         return f"{path.name}: not an image (PNG, JPEG, WebP, … expected)"
     return None
+
+
+def _discard_upload(path: str | pathlib.Path) -> None:
+    """Delete a refused file if gradio put it in its upload folder (never a file of the user's own)."""
+    from gradio.utils import get_upload_folder
+
+    path, folder = pathlib.Path(path).resolve(), pathlib.Path(get_upload_folder()).resolve()
+    if path.is_relative_to(folder):
+        path.unlink(missing_ok=True)
 
 
 def _file_path(item: Any) -> str:
@@ -74,6 +85,7 @@ def build_app(base: ChatSession, *, max_upload_mb: float = 10.0, title: str = "m
                     continue
                 except UserError as exc:
                     problem = str(exc)
+            _discard_upload(path)
             lines.append(f"not added: {problem}")
         if not lines:
             lines.append("no file given")
@@ -110,7 +122,8 @@ def build_app(base: ChatSession, *, max_upload_mb: float = 10.0, title: str = "m
         session.clear()
         return [], "", [], "conversation and images cleared", session
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    # uploads are copied into gradio's cache; files older than an hour are removed every hour
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         state = gr.State(None)
         gr.Markdown(f"## {title}\nUpload images (optional), then ask. Each browser tab is its own conversation.")
         with gr.Row():
@@ -151,5 +164,6 @@ def launch(base: ChatSession, *, host: str = "127.0.0.1", port: int | None = 786
     app = build_app(base, max_upload_mb=max_upload_mb)
     app.queue()
     app.launch(server_name=host, server_port=port, share=share, inbrowser=False, prevent_thread_lock=not block,
+               max_file_size=int(max_upload_mb * 2**20),  # larger uploads are refused by the server itself
                quiet=not block)
     return app

@@ -6,6 +6,7 @@ against the base's folder): string values remember their file through :class:`So
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pathlib
 import sys
@@ -19,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["SourcedStr", "read_recipe_data", "apply_overrides", "deep_merge", "parse_override"]
+__all__ = ["SourcedStr", "read_recipe_data", "apply_overrides", "deep_merge", "key_origin", "parse_override"]
 
 
 class SourcedStr(str):
@@ -54,6 +55,12 @@ def _read_toml(path: pathlib.Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError("", f"not valid TOML: {exc}", file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError("", f"not UTF-8 text (byte {exc.start}); save the recipe as UTF-8", file=str(path)) from None
+    except RecursionError:
+        raise RecipeError("", "not usable TOML: arrays or tables nested too deeply to read", file=str(path)) from None
+    except OSError as exc:
+        raise RecipeError("", f"cannot read the recipe: {exc.strerror or exc}", file=str(path)) from None
     return _tag(data, path.parent.resolve())
 
 
@@ -104,7 +111,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         path.append(int(part) if part.isdigit() else part)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw  # bare words are strings: --set model.llm.dtype=bf16
     return path, value
 
@@ -142,3 +149,49 @@ def _show_path(path: list[str | int]) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
     return out
+
+
+def key_origin(path: pathlib.Path | None, key: str, overrides: Iterable[str] = ()) -> str | None:
+    """Where the value at ``key`` (``model.bridges[0].out_dim``) came from: ``--set <override>`` when an
+    override wrote it, else the recipe file (or the ``extends`` base) that holds it; None when no one did."""
+    parts = _key_parts(key)
+    for text in reversed(list(overrides)):
+        with contextlib.suppress(RecipeError):
+            set_path, _ = parse_override(text)
+            if parts[:len(set_path)] == set_path:
+                return f"--set {text if len(text) <= 80 else text[:77] + '...'}"
+    return None if path is None else _file_holding(pathlib.Path(path).resolve(), parts, ())
+
+
+def _file_holding(path: pathlib.Path, parts: list[str | int], seen: tuple[pathlib.Path, ...]) -> str | None:
+    if path in seen or not path.is_file():
+        return None
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError, OSError):
+        return None
+    if _holds(data, parts):
+        return str(path)
+    extends = data.get("extends")
+    bases = [extends] if isinstance(extends, str) else extends if isinstance(extends, list) else []
+    for base in reversed([b for b in bases if isinstance(b, str)]):  # the last base wins a merge
+        found = _file_holding((path.parent / base).resolve(), parts, (*seen, path))
+        if found:
+            return found
+    return None
+
+
+def _holds(data: Any, parts: list[str | int]) -> bool:
+    for part in parts:
+        if isinstance(part, int) and isinstance(data, list) and part < len(data):
+            data = data[part]
+        elif isinstance(part, str) and isinstance(data, dict) and part in data:
+            data = data[part]
+        else:
+            return False
+    return bool(parts)
+
+
+def _key_parts(key: str) -> list[str | int]:
+    return [int(p) if p.isdigit() else p for p in key.replace("[", ".").replace("]", "").split(".") if p]

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from mllmkit.errors import RecipeError, UserError
-from mllmkit.recipe.load import apply_overrides, read_recipe_data
+from mllmkit.recipe.load import apply_overrides, key_origin, read_recipe_data
 from mllmkit.recipe.schema import ChatSection, DataSection, EvalSection, RecipeSchema, TrainSection
 from mllmkit.recipe.shared import KIND_DEFAULTS, MISSPELLINGS, SHARED_KEYS, shared_names
 from mllmkit.recipe.structure import structure, unknown_option, unstructure
@@ -106,11 +106,13 @@ def load_recipe(source: str | pathlib.Path | Mapping[str, Any], overrides: Itera
             data = read_recipe_data(path)
         except RecipeError as exc:
             raise exc.with_file(str(path)) from None
+    overrides = list(overrides)
     try:
         data = apply_overrides(data, overrides)
         return _resolve(data, path, folder, registry)
     except RecipeError as exc:
-        raise exc.with_file(str(path) if path else "<recipe>") from None
+        # the file (or extends base, or --set) that wrote the value, else the recipe itself
+        raise exc.with_file(key_origin(path, exc.key, overrides) or (str(path) if path else "<recipe>")) from None
 
 
 def resolve_component(kind: str, table: Any, key: str, folder: pathlib.Path, registry: Registry) -> Component:

@@ -11,12 +11,14 @@ checkpoints beyond ``keep_last`` are removed only after the new one is in place.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +26,13 @@ import torch
 
 from mllmkit.checkpoint_formats import EXPORT_WEIGHTS
 from mllmkit.errors import UserError
-from mllmkit.weights import safe_torch_load
+from mllmkit.weights import read_safetensors, safe_torch_load
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "CHECKPOINT_FILES",
+    "check_run_dir",
+    "clean_stale",
     "export",
     "find_resume",
     "list_checkpoints",
@@ -39,35 +44,112 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILES = (EXPORT_WEIGHTS, "optimizer.pt", "rng.pt", "trainer_state.json")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STALE = re.compile(r"^\.(?:tmp|old)-.+-(\d+)$")
 
 
 def write_atomically(target: pathlib.Path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
     """Call ``write(tmp_folder)``, then rename the folder to ``target`` (replacing an older one).
 
-    If ``write`` raises, the temporary folder is removed and ``target`` is untouched."""
+    If anything fails, the temporary folder is removed and ``target`` is untouched; a failure to
+    write (disk full, read-only folder, no permission) becomes a :class:`UserError` saying so."""
     target = pathlib.Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    old = target.parent / f".old-{target.name}-{os.getpid()}"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         write(tmp)
         for path in tmp.iterdir():  # flush file contents before the rename makes them visible
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        replaced = target.exists()
+        if replaced:
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.save and safetensors report a full disk as RuntimeError/SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {target}: {_write_failure(target.parent, exc)}; nothing was replaced "
+                        f"(earlier checkpoints are intact)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
+    if replaced:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+_HINTS = {errno.ENOSPC: "the disk is full (free space, or point train.output_dir / --output-dir elsewhere)",
+          errno.EDQUOT: "over the disk quota (free space, or point train.output_dir / --output-dir elsewhere)",
+          errno.EROFS: "a read-only file system (point train.output_dir / --output-dir elsewhere)",
+          errno.EACCES: "no permission to write there (point train.output_dir / --output-dir elsewhere)",
+          errno.EEXIST: "a file is in the way of a folder (point train.output_dir / --output-dir elsewhere)",
+          errno.ENOTDIR: "a file is in the way of a folder (point train.output_dir / --output-dir elsewhere)"}
+
+
+def _write_failure(folder: pathlib.Path, exc: Exception) -> str:
+    """Words for why writing into ``folder`` failed, with the fix."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # torch.save says "unexpected pos" and safetensors "I/O error" on a full disk
+        try:
+            stats = os.statvfs(folder if folder.exists() else folder.parent)
+            if stats.f_bavail * stats.f_frsize < 2**20:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code in _HINTS:
+        return _HINTS[code]
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def check_run_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    """Create the run folder if needed and make sure files can be written there, before any work:
+    a file in its place, a read-only or full disk are a :class:`UserError` naming the folder."""
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} is a file, not a folder; point train.output_dir or --output-dir "
+                        f"elsewhere")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir) as probe:
+            probe.write(b"mllmkit")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise UserError(f"cannot write in the run folder {run_dir}: {_write_failure(run_dir, exc)}") from None
+    return run_dir
+
+
+def clean_stale(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Remove the ``.tmp-*`` and ``.old-*`` folders that saves killed midway left in ``folder`` (the
+    ones of processes still running are kept). Returns what was removed."""
+    removed = []
+    if not pathlib.Path(folder).is_dir():
+        return removed
+    for path in pathlib.Path(folder).iterdir():
+        match = _STALE.match(path.name)
+        if match and path.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
@@ -102,12 +184,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    """Complete checkpoints of a run, oldest first: temporary folders and folders missing any of
+    :data:`CHECKPOINT_FILES` (a removal that was interrupted) are never listed."""
     folder = pathlib.Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))
-             and (p / "trainer_state.json").is_file()]
+             and all((p / name).is_file() for name in CHECKPOINT_FILES)]
     return [p for _, p in sorted(found)]
 
 
@@ -123,25 +206,39 @@ def save_checkpoint(run_dir: pathlib.Path, engine_state: dict[str, Any], trainer
         torch.save(rng_states, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 
-    target = write_atomically(pathlib.Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}", write)
+    folder = pathlib.Path(run_dir) / CHECKPOINT_DIR
+    clean_stale(folder)
+    target = write_atomically(folder / f"step_{step:07d}", write)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = folder / f".old-{old.name}-{os.getpid()}"
+        os.replace(old, doomed)  # unlisted at once; a kill during the removal leaves a stale folder, not half a checkpoint
+        shutil.rmtree(doomed, ignore_errors=True)
     return target
 
 
 def load_checkpoint(path: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """(engine state, trainer state, per-rank RNG states) of a checkpoint folder."""
-    from safetensors.torch import load_file
-
+    """(engine state, trainer state, per-rank RNG states) of a checkpoint folder; anything unreadable
+    or not in this layout is a :class:`UserError` naming the file."""
     path = pathlib.Path(path)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume {path}: not a checkpoint folder (no trainer_state.json); pass a "
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        raise UserError(f"--resume {path}: not a complete checkpoint folder (no {', '.join(missing)}); pass a "
                         f"<run>/{CHECKPOINT_DIR}/step_N folder or 'auto'")
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    opt = safe_torch_load(path / "optimizer.pt")
-    engine_state = {"model": load_file(str(path / EXPORT_WEIGHTS)), "optimizer": opt["optimizer"],
-                    "scaler": opt.get("scaler", {}), "step": trainer_state["step"]}
-    return engine_state, trainer_state, safe_torch_load(path / "rng.pt")
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        step = int(trainer_state["step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"{path / 'trainer_state.json'}: not a trainer state ({type(exc).__name__}: {exc})") from None
+    model = read_safetensors(path / EXPORT_WEIGHTS)
+    ints = [name for name, tensor in model.items() if not tensor.is_floating_point()]
+    if ints:
+        raise UserError(f"{path / EXPORT_WEIGHTS}: {ints[0]} holds {str(model[ints[0]].dtype).removeprefix('torch.')} "
+                        f"values; trainable weights are floating point numbers")
+    opt, rngs = safe_torch_load(path / "optimizer.pt"), safe_torch_load(path / "rng.pt")
+    if not isinstance(opt, dict) or not isinstance(opt.get("optimizer"), dict) or not isinstance(rngs, list):
+        raise UserError(f"{path}: optimizer.pt or rng.pt is not in the layout mllmkit writes")
+    engine_state = {"model": model, "optimizer": opt["optimizer"], "scaler": opt.get("scaler", {}), "step": step}
+    return engine_state, trainer_state, rngs
 
 
 def find_resume(resume: str | None, run_dir: pathlib.Path) -> pathlib.Path | None:

@@ -3,21 +3,27 @@
 With ``--nproc-per-node N`` (and not already under torchrun) this starts
 ``python -m torch.distributed.run --nproc_per_node N --master_addr 127.0.0.1 --master_port <free>
 -m mllmkit.cli run ...`` and returns its exit code; every worker then reads torchrun's environment.
+A signal that stops ``mllmkit run`` stops torchrun and every worker (:func:`run_launcher`). Each
+process sets its CPU threads to its share of the physical cores (:mod:`mllmkit.threads`).
 A recipe whose parallel backend needs several processes (``processes_needed()``: a pipeline, one per
 stage) without a launcher and without ``--nproc-per-node`` starts that many itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 from mllmkit.errors import UserError
+from mllmkit.threads import set_cpu_threads, threads_per_process
 from mllmkit.train.dist import free_port
 
-__all__ = ["default_run_dir", "run_command", "torchrun_command"]
+__all__ = ["default_run_dir", "run_command", "run_launcher", "torchrun_command"]
 
 
 def default_run_dir(recipe) -> pathlib.Path:
@@ -41,12 +47,65 @@ def torchrun_command(recipe: str, overrides: list[str], resume: str | None, npro
     return command
 
 
+def run_launcher(command: list[str], env: dict[str, str], grace_s: float = 8.0) -> int:
+    """Run the torchrun ``command`` and return its exit code. SIGTERM, SIGINT or SIGHUP to this process
+    (a scheduler, ``timeout``, systemd, Ctrl-C) is passed on to torchrun, which stops its workers; what is
+    still alive ``grace_s`` later — torchrun or any process it started — is killed, so nothing keeps
+    training as an orphan."""
+    proc = subprocess.Popen(command, env=env)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in watched}
+    deadline = None
+    try:
+        while proc.poll() is None:
+            if received and deadline is None:
+                deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                for pid in [*_descendants(proc.pid), proc.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        print(f"mllmkit: stopped by {signal.Signals(received[0]).name}; every training process was ended",
+              file=sys.stderr, flush=True)
+        return 128 + received[0]
+    return proc.returncode
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (torchrun starts its workers in sessions of their own), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_command(recipe: str, overrides: list[str], resume: str | None = None, nproc_per_node: int | None = None,
                 output_dir: str | None = None) -> int:
     """Train the recipe; returns the process exit code."""
     if nproc_per_node is not None and nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be at least 1, found {nproc_per_node}")
     from mllmkit.recipe import load_recipe
+    from mllmkit.train.checkpoint import check_run_dir
     from mllmkit.train.loop import build_backend, train
 
     loaded = load_recipe(recipe, overrides)  # a bad recipe stops here, before any process starts
@@ -61,10 +120,12 @@ def run_command(recipe: str, overrides: list[str], resume: str | None = None, np
               f"torchrun (--nproc-per-node N for data parallel as well)", file=sys.stderr, flush=True)
         nproc_per_node = needed
     if nproc_per_node is not None and not launched:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        return subprocess.call(torchrun_command(recipe, overrides, resume, nproc_per_node, output_dir), env=env)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(nproc_per_node))}
+        return run_launcher(torchrun_command(recipe, overrides, resume, nproc_per_node, output_dir), env)
 
     run_dir = pathlib.Path(output_dir).resolve() if output_dir else default_run_dir(loaded)
+    check_run_dir(run_dir)  # a file in its place, a read-only or full disk: said now, not after the model is built
+    set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     result = train(loaded, run_dir, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nfinished {result.steps} steps; run folder: {result.run_dir}")
