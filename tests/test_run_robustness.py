@@ -278,3 +278,20 @@ def test_sigterm_to_the_launcher_ends_every_process(tmp_path):
     assert [pid for pid in tree if _alive(pid)] == []
     assert launcher.returncode == 128 + signal.SIGTERM
     assert err.splitlines()[-1] == "mllmkit: stopped by SIGTERM; every training process was ended"
+
+
+def test_resume_with_another_recipes_checkpoint_exits_2(core_plugin_host, tmp_path, capsys):
+    from mllmkit.cli import main
+
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(textwrap.dedent(RECIPE))
+    assert main(["run", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    other = tmp_path / "mlp.toml"
+    other.write_text(textwrap.dedent(RECIPE).replace('type = "linear"', 'type = "mlp"').replace("max_steps = 1",
+                                                                                               "max_steps = 2"))
+    capsys.readouterr()
+    step = tmp_path / "run/checkpoints/step_0000001"
+    assert main(["run", str(other), "--output-dir", str(tmp_path / "other"), "--resume", str(step)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"mllmkit: error: --resume {step}: does not fit this recipe's model: ")
+    assert not any("Traceback" in line for line in err)

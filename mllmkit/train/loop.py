@@ -116,7 +116,11 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         checkpoint = find_resume(resume, run_dir)
         if checkpoint is not None:
             engine_state, trainer_state, rng_states = load_checkpoint(checkpoint)
-            engine.load_state_dict(engine_state)
+            try:
+                engine.load_state_dict(engine_state)
+            except (ValueError, KeyError, RuntimeError) as exc:  # another recipe's (or a damaged) checkpoint
+                raise UserError(f"--resume {checkpoint}: does not fit this recipe's model: "
+                                f"{str(exc).splitlines()[0]}") from None
             set_rng_state(rng_states[backend.rank] if len(rng_states) == world else rng_states[0])
             skips.add(Skip(**s) for s in trainer_state.get("skips", []))
             if backend.is_main:
