@@ -3,8 +3,9 @@
 transformers' ``TextIteratorStreamer`` needs a HF tokenizer; mllmkit tokenizers only promise
 ``decode(ids)``. :class:`IncrementalDecoder` turns a growing list of ids into new text pieces,
 holding back a trailing replacement character (a multi-byte UTF-8 character split across tokens)
-until the next token completes it. :class:`QueueStreamer` is the ``streamer=`` object ``generate``
-calls from its worker thread; it stops at the first stop token.
+until the next token completes it. :class:`QueueStreamer` takes the tokens the generation thread
+hands to its ``on_token`` callback and queues text pieces for the consumer; it stops at the first
+stop token.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-
-import torch
 
 __all__ = ["IncrementalDecoder", "QueueStreamer", "cut_at_stop"]
 
@@ -56,7 +55,7 @@ class IncrementalDecoder:
 
 
 class QueueStreamer:
-    """A ``generate(streamer=...)`` object: skips the prompt, stops at stop ids, queues text pieces."""
+    """Tokens from :func:`mllmkit.generation.generate`'s ``on_token`` → queued text pieces (stops at stop ids)."""
 
     _DONE = object()
 
@@ -64,26 +63,13 @@ class QueueStreamer:
         self.decoder = IncrementalDecoder(decode)
         self.stop_ids = {int(i) for i in stop_ids}
         self.queue: queue.Queue = queue.Queue()
-        self._prompt_seen = False
         self._stopped = False
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
         self._cancel.set()
 
-    def cancelled(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        """A ``StoppingCriteria``: true once :meth:`cancel` was called."""
-        return torch.full((input_ids.shape[0],), self._cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    # -- called by generate (worker thread) --
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate first passes the prompt ids (empty for inputs_embeds)
-            self._prompt_seen = True
-            return
-        if self._stopped:
-            return
-        self._push([int(t) for t in value.reshape(-1).tolist()])
-
+    # -- called by the generation (worker thread) --
     def token(self, token_id: int) -> bool:
         """An ``on_token`` callback for :func:`mllmkit.generation.generate`; True asks it to stop."""
         if not self._stopped:
