@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pluggy
 
+from mllmkit.export.spec import ExportSpec
 from mllmkit.registry import ComponentSpec
 
 __all__ = ["hookspec", "hookimpl", "HOOK_KINDS"]
@@ -47,6 +48,16 @@ def mllmkit_register_parallel_backends() -> list[ComponentSpec]:
 
 
 @hookspec
+def mllmkit_register_exporters() -> list[ExportSpec]:
+    """How model parts export to a transformers class: :class:`~mllmkit.export.ExportSpec` per component name.
+
+    Each spec names the component it exports, the target slot it fills (``vision_model``, ``qformer``,
+    ``language_projection``, ``language_model`` of ``Blip2ForConditionalGeneration``), its key tables
+    both ways and the config fields it sets; LLM specs add the tokenizer, chat template and restore.
+    """
+
+
+@hookspec
 def mllmkit_register_eval_tasks() -> list[ComponentSpec]:
     """Evaluation tasks: ``build(config, context)`` returns a :class:`~mllmkit.eval.task.EvalTask`.
 
@@ -61,5 +72,6 @@ HOOK_KINDS: dict[str, str] = {
     "mllmkit_register_llms": "llm",
     "mllmkit_register_datasets": "dataset",
     "mllmkit_register_parallel_backends": "parallel",
+    "mllmkit_register_exporters": "export",
     "mllmkit_register_eval_tasks": "eval_task",
 }

@@ -87,6 +87,14 @@ def _hf_processor(model, composed: Composed):
     return processor
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy when ``tensor`` is a view of a larger storage (q/k/v split from a fused weight), which
+    safetensors refuses to write; otherwise the tensor itself."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def _check_keys(config, tensors: dict[str, torch.Tensor]) -> None:
     """The tensors are exactly the target's state dict (a tied head may be left out)."""
     from transformers import Blip2ForConditionalGeneration
@@ -113,7 +121,7 @@ def write_export(model, recipe, folder: pathlib.Path, composed: Composed, dtype:
 
     config = Blip2Config(**composed.config)
     config.dtype = dtype
-    tensors = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
+    tensors = {k: _own_storage(v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
                for k, v in composed.tensors.items()}
     if config.text_config.tie_word_embeddings:
         tensors.pop("language_model.lm_head.weight", None)
