@@ -124,7 +124,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 
     found = []
     for module_name in ("mllmkit.chat.commands", "mllmkit.convert", "mllmkit.scaffold", "mllmkit.serve.command",
-                        "mllmkit.eval.command"):
+                        "mllmkit.eval.command", "mllmkit.export.command"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

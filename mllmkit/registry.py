@@ -16,7 +16,8 @@ from mllmkit.errors import UserError
 
 __all__ = ["KINDS", "ComponentSpec", "Registry", "DuplicateComponentError", "UnknownComponentError"]
 
-KINDS: tuple[str, ...] = ("vision", "bridge", "llm", "dataset", "parallel", "eval_task")
+KINDS: tuple[str, ...] = ("vision", "bridge", "llm", "dataset", "parallel", "export", "eval_task")
+"""``export`` holds :class:`mllmkit.export.ExportSpec` objects (how a model part maps onto transformers)."""
 
 
 @attrs.frozen
@@ -27,9 +28,9 @@ class ComponentSpec:
     ``(config, context)`` and returns the component (see :mod:`mllmkit.interfaces`). Model parts
     (vision, bridge, llm) also give ``dims(config, context) -> PartDims``: their widths from the
     config alone, so ``mllmkit check`` verifies the chain without reading weights.
-    ``distribution`` is filled in by the registry from the plugin that returned the spec.
     ``defaults`` overrides the core's defaults of the keys every component of the kind shares
     (:mod:`mllmkit.recipe.shared`, e.g. ``{"precision": "fp16"}``); ``config`` never declares those keys.
+    ``distribution`` is filled in by the registry from the plugin that returned the spec.
     """
 
     name: str
@@ -37,8 +38,8 @@ class ComponentSpec:
     build: Callable[..., Any]
     description: str
     dims: Callable[..., Any] | None = None
-    distribution: str = ""
     defaults: Mapping[str, Any] = attrs.Factory(dict)
+    distribution: str = ""
 
 
 class DuplicateComponentError(UserError):
@@ -49,7 +50,6 @@ class UnknownComponentError(UserError):
     """A recipe names a component nobody registered."""
 
 
-class Registry:
 def _check_shared_keys(kind: str, spec: ComponentSpec, distribution: str) -> None:
     """The core owns the shared keys: a config class must not declare them, ``defaults`` only them."""
     from mllmkit.recipe.shared import shared_names
@@ -66,6 +66,7 @@ def _check_shared_keys(kind: str, spec: ComponentSpec, distribution: str) -> Non
                          f"only the shared keys of a {kind} component go there ({', '.join(shared) or 'none'})")
 
 
+class Registry:
     """Components by kind and exact name."""
 
     def __init__(self) -> None:
@@ -76,9 +77,9 @@ def _check_shared_keys(kind: str, spec: ComponentSpec, distribution: str) -> Non
             raise ValueError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
         if kind in ("vision", "bridge", "llm") and spec.dims is None:
             raise ValueError(f"{distribution}: {kind} component {spec.name!r} must declare dims(config, context)")
-        existing = self._specs[kind].get(spec.name)
         if isinstance(spec, ComponentSpec):
             _check_shared_keys(kind, spec, distribution)
+        existing = self._specs[kind].get(spec.name)
         if existing is not None:
             raise DuplicateComponentError(
                 f"{kind} component {spec.name!r} is registered twice: by {existing.distribution!r} and by "
