@@ -4,8 +4,9 @@ Loads the model as ``mllmkit chat`` does (recipe or export folder, trained weigh
 precision from ``[chat]`` unless given), builds the task (its options from the recipe's
 ``[[eval.tasks]]`` table of that type when there is one, ``--data`` and ``--limit`` on top), answers
 greedily, prints the metrics table and writes the report (:mod:`mllmkit.eval.report`) to ``--out``
-(default ``eval/<task>`` beside the checkpoint, else under the current directory). The system prompt
-is ``--system``, else the recipe's ``data.system`` (what training used), else the template's.
+(default ``eval/<task>`` in the checkpoint's parent folder, e.g. ``runs/demo/eval/pope``; else under the
+current directory). The system prompt is ``--system``, else the recipe's ``data.system`` (what
+training used), else the template's.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def evaluate_checkpoint(recipe: Any, tasks: Sequence[str], *, checkpoint: str | 
                      precision=precision or loaded.chat.precision, batch_size=batch_size)
     settings["task_options"] = options
     if out is None:
-        base = pathlib.Path(checkpoint) if checkpoint else pathlib.Path.cwd()
-        out = (base if base.is_dir() else base.parent) / "eval" / "+".join(tasks)
+        # beside the checkpoint, not inside an export folder (its sha256 covers every file in it)
+        base = pathlib.Path(checkpoint).resolve().parent if checkpoint else pathlib.Path.cwd()
+        out = base / "eval" / "+".join(tasks)
     run = {"started": started, "wall_s": time.perf_counter() - clock, "command": sys.argv}
     return write_report(pathlib.Path(out), results, settings, run), results
 
@@ -109,7 +111,7 @@ def register_command(subparsers: argparse._SubParsersAction) -> None:
                                "vqav2, textvqa, ...); repeatable")
     evaluate.add_argument("--data", metavar="PATH", help="where the benchmark's files are (the task's data option)")
     evaluate.add_argument("--limit", type=int, metavar="N", help="ask only the first N questions of each task")
-    evaluate.add_argument("--out", metavar="DIR", help="report folder (default: eval/<task> beside the checkpoint)")
+    evaluate.add_argument("--out", metavar="DIR", help="report folder (default: eval/<task> in the checkpoint's parent folder)")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="questions answered together (default: "
                                                                       "eval.batch_size)")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: chat.device")
