@@ -17,10 +17,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from mllmkit.errors import UserError
 from mllmkit.interfaces import Tokenizer
 from mllmkit.template import ChatTemplate
 
-__all__ = ["HFCausalLM", "cache_keyword", "new_hf_model", "finish_meta_load"]
+__all__ = ["HFCausalLM", "PackingUnsupported", "cache_keyword", "new_hf_model", "finish_meta_load"]
 
 
 def cache_keyword(function) -> str:
@@ -30,6 +31,10 @@ def cache_keyword(function) -> str:
 
 
 _CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+
+
+class PackingUnsupported(UserError):
+    """Packed rows were given to a model whose attention kernel transformers builds no per-sample mask for."""
 
 
 def _checkpointed_forward(forward, *args, **kwargs):
@@ -87,9 +92,13 @@ class HFCausalLM(nn.Module):
         one). Where the attention kernel reads a missing mask as causal, the decoder layers then run
         with no mask at all: SDPA takes its flash kernel (``is_causal``), and transformers' mask
         building, which reads GPU values on the host, is skipped. Left-padded rows need their mask,
-        packed rows their ``position_ids``; both take transformers' own path.
+        packed rows their ``position_ids``; both take transformers' own path (packed rows: positions
+        restarting at 0 and no mask, from which transformers builds a per-sample document mask or
+        takes flash-attention's varlen kernel; :meth:`_check_packing`).
         """
         self._check_length(inputs_embeds.shape[1])
+        if attention_mask is None and position_ids is not None:
+            self._check_packing()
         if attention_mask is None and position_ids is None and self._causal_without_mask():
             return self._causal_hidden(inputs_embeds)
         out = self.hf_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -103,6 +112,18 @@ class HFCausalLM(nn.Module):
         kernel = config._attn_implementation or ""
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         return (kernel == "sdpa" or kernel.startswith("flash_attention")) and layer_types == {"full_attention"}
+
+    def _check_packing(self) -> None:
+        """Refuse an attention kernel that transformers does not mask per packed sample (the rows would
+        attend across samples): those without a mask builder in ``ALL_MASK_ATTENTION_FUNCTIONS``."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        kernel = self.hf_model.config._attn_implementation or "eager"
+        if kernel not in ALL_MASK_ATTENTION_FUNCTIONS:
+            known = ", ".join(sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping))
+            raise PackingUnsupported(f"data.packing: the LLM's attention kernel {kernel!r} has no per-sample mask "
+                                     f"in transformers (kernels that have one: {known}); set data.packing = false "
+                                     f"or pick one of those kernels for the LLM")
 
     def _causal_hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)

@@ -44,6 +44,9 @@ class MLLM(nn.Module):
 
     loss_logits: str = "labelled"
     """``[train] loss_logits``: ``"all"`` computes the head at every position, as the seed did."""
+    row_loss: Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor] | None = None
+    """``[train] fused_kernels``: a fused head + cross-entropy ``(hidden rows, head, targets) -> summed loss``
+    used at the labelled rows instead of :func:`loss_at_rows` (:func:`mllmkit.train.fused.apply_fused_kernels`)."""
 
     def __init__(self, vision: nn.Module, bridges: Sequence[nn.Module], llm: nn.Module,
                  trainable: dict[str, bool] | None = None, precision: dict[str, str] | None = None) -> None:
@@ -199,6 +202,8 @@ class MLLM(nn.Module):
             logits = self.llm.logits(hidden).float()
             loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, rows), targets,
                                        reduction="sum")
+        elif self.row_loss is not None:
+            loss_sum = self.row_loss(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), self.llm.head, targets)
         else:
             loss_sum = loss_at_rows(hidden, rows, targets, self.llm.logits)
         return LossOutput(loss_sum=loss_sum, num_tokens=torch.full((), rows.numel(), device=hidden.device))

@@ -6,7 +6,9 @@ does not depend on workers or on where a run resumed). Errors become :class:`Ski
 ``on_error = "skip"``) that :class:`Collator` drops from the batch and hands to the loop for
 counting. Batches are right-padded with the template's pad id to the longest sample of the batch
 (rounded up to ``pad_to_multiple``);
-the attention mask comes from the lengths, never from comparing ids with the pad id.
+the attention mask comes from the lengths, never from comparing ids with the pad id. Packed rows
+(several samples in one row, ``position_ids`` per sample) come from
+:class:`mllmkit.data.packing.PackingCollator`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from mllmkit.interfaces import Sample
 from mllmkit.model import labelled_rows
 from mllmkit.template import IGNORE_INDEX, IMAGE_MARKER, ChatTemplate, SampleTooLong, encode_pieces
 
-__all__ = ["Batch", "Collator", "EncodedDataset", "EncodedSample", "SampleEncoder", "open_image"]
+__all__ = ["Batch", "Collator", "EncodedDataset", "EncodedSample", "SampleEncoder", "image_fields", "open_image"]
 
 
 @attrs.frozen
@@ -59,12 +61,17 @@ class Batch:
     """Image placeholders in ``input_ids``, counted on the host (``None``: the model counts them)."""
     image_features: torch.Tensor | None = None
     """The images' cached frozen features (:meth:`~mllmkit.model.MLLM.image_features`); replaces ``pixels``."""
+    position_ids: torch.Tensor | None = None
+    """Packed rows only: ``[B, T]`` positions restarting at 0 for each sample (``None``: 0, 1, … per row)."""
+    samples: int | None = None
+    """Packed rows only: how many samples the rows hold (``None``: one per row)."""
     loss_rows: tuple[torch.Tensor, torch.Tensor] = attrs.field(
         default=attrs.Factory(lambda self: labelled_rows(self.labels), takes_self=True))
 
     @property
     def size(self) -> int:
-        return int(self.input_ids.shape[0])
+        """Samples in the batch (rows, unless packed)."""
+        return int(self.input_ids.shape[0]) if self.samples is None else self.samples
 
     @property
     def num_tokens(self) -> int:
@@ -78,22 +85,33 @@ class Batch:
 
         return attrs.evolve(self, input_ids=pin(self.input_ids), labels=pin(self.labels),
                             attention_mask=pin(self.attention_mask), pixels=pin(self.pixels),
-                            image_features=pin(self.image_features),
+                            image_features=pin(self.image_features), position_ids=pin(self.position_ids),
                             loss_rows=(pin(self.loss_rows[0]), pin(self.loss_rows[1])))
 
     def model_inputs(self, device: torch.device | str) -> dict[str, Any]:
         """Keyword arguments for :meth:`mllmkit.model.MLLM.forward` on ``device``, with nothing the
         step must wait for: copies are asynchronous (from pinned memory), no attention mask (rows are
         right-padded, so the causal mask alone is exact and SDPA can take its flash kernel), the
-        labelled rows, their targets and the placeholder count come from the host."""
+        labelled rows, their targets and the placeholder count come from the host. Packed rows add
+        their ``position_ids`` (then the LLM masks attention per sample)."""
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
         rows, targets = self.loss_rows
         images = {"pixels": move(self.pixels)} if self.image_features is None \
             else {"image_features": move(self.image_features)}
+        packed = {} if self.position_ids is None else {"position_ids": move(self.position_ids)}
         return {"input_ids": move(self.input_ids), "rows": move(rows), "targets": move(targets),
-                "image_tokens": self.image_tokens, **images}
+                "image_tokens": self.image_tokens, **images, **packed}
+
+
+def image_fields(samples: Sequence[EncodedSample], input_ids: torch.Tensor,
+                 image_token_id: int | None) -> dict[str, Any]:
+    """A batch's ``pixels`` (stacked in sample order), ``image_keys`` and host ``image_tokens`` count."""
+    images = [p for s in samples for p in s.pixels]
+    return {"pixels": torch.stack(images) if images else None,
+            "image_keys": tuple((s.source, s.index, j) for s in samples for j in range(len(s.pixels))),
+            "image_tokens": None if image_token_id is None else int((input_ids == image_token_id).sum())}
 
 
 def open_image(image: Any, source: str, index: int):
@@ -199,9 +217,5 @@ class Collator:
             input_ids[row, :n] = torch.tensor(sample.input_ids, dtype=torch.long)
             labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
             attention_mask[row, :n] = 1
-        images = [p for s in samples for p in s.pixels]
-        pixels = torch.stack(images) if images else None
-        keys = tuple((s.source, s.index, j) for s in samples for j in range(len(s.pixels)))
-        image_tokens = None if self.image_token_id is None else int((input_ids == self.image_token_id).sum())
-        return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixels=pixels, skips=skips,
-                     image_keys=keys, image_tokens=image_tokens)
+        return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, skips=skips,
+                     **image_fields(samples, input_ids, self.image_token_id))

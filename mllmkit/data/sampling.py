@@ -4,7 +4,9 @@ An epoch is a list of draws ``(dataset_no, index, seed)`` fixed by the run's see
 number alone, so a resumed run sees exactly the draws the uninterrupted run would have. Each
 optimizer step consumes ``micro_batch_size × grad_accum × world_size`` consecutive draws; rank ``r``
 takes its ``grad_accum`` micro-batches from the ``r``-th slice, so N processes see the same global
-batch as one process accumulating N times as many micro-batches.
+batch as one process accumulating N times as many micro-batches. An epoch's micro-batches are either
+consecutive runs of ``micro_batch_size`` draws (:func:`epoch_micro_batches`) or packed rows
+(:func:`mllmkit.data.packing.pack_draws`); :func:`rank_step` slices either the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["epoch_order", "group_by_length", "rank_micro_batches", "steps_per_epoch"]
+__all__ = ["epoch_micro_batches", "epoch_order", "group_by_length", "rank_micro_batches", "rank_step",
+           "steps_per_epoch"]
 
 Draw = tuple[int, int, int]
 
@@ -51,10 +54,20 @@ def steps_per_epoch(num_draws: int, micro_batch_size: int, grad_accum: int, worl
     return num_draws // (micro_batch_size * grad_accum * world_size)
 
 
+def epoch_micro_batches(order: list[Draw], micro_batch_size: int) -> list[list[Draw]]:
+    """Consecutive runs of ``micro_batch_size`` draws (an incomplete last one is dropped)."""
+    whole = len(order) // micro_batch_size * micro_batch_size
+    return [order[i:i + micro_batch_size] for i in range(0, whole, micro_batch_size)]
+
+
+def rank_step(micro_batches: Sequence[list[Draw]], step: int, grad_accum: int, world_size: int,
+              rank: int) -> list[list[Draw]]:
+    """This rank's ``grad_accum`` of an epoch's ``micro_batches`` at optimizer step ``step`` (within the epoch)."""
+    start = (step * world_size + rank) * grad_accum
+    return list(micro_batches[start:start + grad_accum])
+
+
 def rank_micro_batches(order: list[Draw], step: int, micro_batch_size: int, grad_accum: int, world_size: int,
                        rank: int) -> list[list[Draw]]:
     """This rank's ``grad_accum`` micro-batches of optimizer step ``step`` (within the epoch)."""
-    per_rank = micro_batch_size * grad_accum
-    start = step * per_rank * world_size + rank * per_rank
-    mine = order[start:start + per_rank]
-    return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+    return rank_step(epoch_micro_batches(order, micro_batch_size), step, grad_accum, world_size, rank)

@@ -38,6 +38,12 @@ class DataSection:
     pad_to_multiple: int = attrs.field(default=1, validator=positive)
     """Pad each micro-batch to a multiple of this many tokens (fewer shapes for the GPU's kernels; pads
     are unlabelled, so the loss is unchanged)."""
+    packing: bool = False
+    """Pack several whole samples into one row per micro-batch (no padding between them; positions restart
+    and attention stays within each sample). Needs ``max_tokens_per_batch``, ``train.micro_batch_size = 1``
+    and ``train.loss_reduction = "token"``."""
+    max_tokens_per_batch: int | None = attrs.field(default=None, validator=positive)
+    """With ``packing``: tokens per packed row (at least ``train.max_text_len``)."""
     augment: bool = True
     """Training images get the encoder's training transform (random crops); false = its eval transform."""
     system: str | None = None
@@ -112,6 +118,9 @@ class TrainSection:
     keep_last: int = attrs.field(default=2, validator=positive)
     gradient_checkpointing: bool = False
     """Activation checkpointing in the LLM (saves memory, costs a recompute)."""
+    fused_kernels: Literal["none", "liger"] = "none"
+    """Fused training kernels for the LLM: ``"liger"`` patches RMSNorm, rotary and SwiGLU with liger-kernel's
+    Triton kernels and computes the loss with its fused linear + cross-entropy (CUDA only; the ``liger`` extra)."""
     eval_max_new_tokens: int = attrs.field(default=16, validator=positive)
     tensorboard: bool = True
 

@@ -20,7 +20,20 @@ import torch
 from mllmkit.data.collate import Collator, EncodedDataset, SampleEncoder
 from mllmkit.data.errors import Skip, SkipReport
 from mllmkit.data.loader import load_micro_batches, loader_seed
-from mllmkit.data.sampling import epoch_order, group_by_length, rank_micro_batches, steps_per_epoch
+from mllmkit.data.packing import (
+    PackingCollator,
+    TokenLengths,
+    check_packing,
+    pack_draws,
+    steps_per_packed_epoch,
+)
+from mllmkit.data.sampling import (
+    epoch_micro_batches,
+    epoch_order,
+    group_by_length,
+    rank_step,
+    steps_per_epoch,
+)
 from mllmkit.errors import UserError
 from mllmkit.interfaces import BuildContext, ParallelBackend
 from mllmkit.recipe import Recipe
@@ -34,6 +47,7 @@ from mllmkit.train.checkpoint import (
 )
 from mllmkit.train.evaluate import TrainingEvaluator
 from mllmkit.train.feature_cache import FeatureCache
+from mllmkit.train.fused import apply_fused_kernels
 from mllmkit.train.metrics import MetricsWriter
 from mllmkit.train.optim import build_adamw, check_lr_scale, make_lr_schedule
 
@@ -95,21 +109,39 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                                      settings.max_text_len, system=data.system)
         samples = EncodedDataset(datasets, encoder, data.on_error)
         mb, accum, world = settings.micro_batch_size, settings.grad_accum, backend.world_size
+        lengths = TokenLengths(samples) if data.packing else None
+
+        def epoch_plan(epoch: int) -> list[list[tuple[int, int, int]]]:
+            """The epoch's micro-batches (lists of draws): a pure function of the seed and the epoch."""
+            order = epoch_order(sizes, weights, settings.seed, epoch)
+            if lengths is not None:
+                return pack_draws(order, [lengths(d, i) for d, i, _ in order], data.max_tokens_per_batch)
+            if data.group_by_length:
+                order = group_by_length(order, [_length(datasets[d], i) for d, i, _ in order], mb)
+            return epoch_micro_batches(order, mb)
+
         draws_per_epoch = len(epoch_order(sizes, weights, settings.seed, 0))
-        per_epoch = steps_per_epoch(draws_per_epoch, mb, accum, world)
+        if data.packing:
+            check_packing(data, settings)
+            per_epoch = steps_per_packed_epoch(lambda e: len(epoch_plan(e)) // (accum * world), settings.epochs,
+                                               settings.max_steps)
+        else:
+            per_epoch = steps_per_epoch(draws_per_epoch, mb, accum, world)
         if per_epoch == 0:
             raise UserError(f"the training data has {draws_per_epoch} samples per epoch, fewer than one global batch "
-                            f"(micro_batch_size {mb} × grad_accum {accum} × {world} process(es)); lower them")
+                            f"(micro_batch_size {mb} × grad_accum {accum} × {world} process(es); with data.packing "
+                            f"packed rows × grad_accum × processes); lower them")
         total_steps = settings.max_steps or settings.epochs * per_epoch
 
         # -- engine: the backend wraps the model, builds AdamW and steps it on the schedule --
         engine = backend.prepare(model, functools.partial(build_adamw, train=settings),
                                  make_lr_schedule(settings, total_steps), settings)
         model.loss_logits = settings.loss_logits
+        apply_fused_kernels(model, settings.fused_kernels, engine.device)
         features = FeatureCache.create(model, engine.device, settings.feature_cache, run_dir, recipe.to_dict()["model"],
                                        encoder.transform) if settings.cache_features else None
-        collate = Collator(template.pad_token_id, pad_to_multiple=data.pad_to_multiple,
-                           image_token_id=template.image_token_id)
+        collate = (PackingCollator if data.packing else Collator)(
+            template.pad_token_id, pad_to_multiple=data.pad_to_multiple, image_token_id=template.image_token_id)
 
         # -- resume --
         skips = SkipReport()
@@ -149,11 +181,9 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         # -- the loop: epochs of planned draws, one optimizer step at a time --
         while engine.step < total_steps:
             epoch, first = divmod(engine.step, per_epoch)
-            order = epoch_order(sizes, weights, settings.seed, epoch)
-            if data.group_by_length:
-                order = group_by_length(order, [_length(datasets[d], i) for d, i, _ in order], mb)
+            micro = epoch_plan(epoch)
             last = min(per_epoch, first + total_steps - engine.step)
-            plan = [rank_micro_batches(order, s, mb, accum, world, backend.rank) for s in range(first, last)]
+            plan = [rank_step(micro, s, accum, world, backend.rank) for s in range(first, last)]
             batches = load_micro_batches(samples, [m for step in plan for m in step], collate,
                                          data.num_workers, loader_seed(settings.seed, epoch),
                                          pin_memory=engine.device.type == "cuda")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from mllmkit.data.collate import Batch
-from mllmkit.errors import UserError
+from mllmkit.errors import RecipeError, UserError
 from mllmkit.interfaces import BuildContext
 from mllmkit.model import labelled_rows
 from mllmkit.registry import ComponentSpec
@@ -201,6 +201,10 @@ class PipelineRunner:
         """
         items = []
         for b in micro_batches:
+            if b.position_ids is not None:
+                raise RecipeError("data.packing", "the pipeline carries (hidden, attention mask) between stages, not "
+                                  "the packed rows' position ids; set data.packing = false with parallel.type = "
+                                  "'pipeline'")
             pixels = b.pixels if b.pixels is not None else torch.zeros(0, 3, 1, 1)
             self.model.check_image_tokens(b.input_ids, pixels.shape[0])
             rows, targets = labelled_rows(b.labels)
