@@ -53,7 +53,8 @@ def _load(args: argparse.Namespace):
         device = args.device or (recipe.chat.device if recipe else None)
         from mllmkit.chat.loading import resolve_device
 
-        model = load_export(folder, device=str(resolve_device(device)))
+        model = load_export(folder, device=str(resolve_device(device)),
+                            precision=args.precision or (recipe.chat.precision if recipe else None))
         return model, recipe.chat if recipe else None, folder.resolve().name
     if args.recipe is None:
         raise UserError("give a recipe (mllmkit serve RECIPE --checkpoint CKPT) or an exported folder (--model DIR)")
