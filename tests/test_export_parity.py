@@ -46,10 +46,10 @@ def _qwen_v1(tmp_path):
 
 
 def _qwen2(tmp_path):
+    from mllmkit_llm_qwen.tokenizer import QWEN_PATTERN, tiny_ranks
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mllmkit.export.tokenizers import tiktoken_tokenizer
-    from mllmkit_llm_qwen.tokenizer import QWEN_PATTERN, tiny_ranks
 
     ranks = tiny_ranks()
     specials = {name: len(ranks) + i for i, name in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
