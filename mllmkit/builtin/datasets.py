@@ -17,6 +17,7 @@ import attrs
 
 from mllmkit.config import config, positive
 from mllmkit.data.errors import MALFORMED_RECORD, SampleError
+from mllmkit.data.video import check_budget, read_frames
 from mllmkit.errors import UserError
 from mllmkit.interfaces import BuildContext, Sample
 from mllmkit.registry import ComponentSpec
@@ -54,6 +55,14 @@ class LlavaConfig:
     """Folder the records' image paths are relative to (unset: the annotation file's folder)."""
     max_samples: int | None = attrs.field(default=None, validator=positive)
     """Use only the first N records."""
+    videos: pathlib.Path | None = None
+    """Folder the records' ``video`` paths are relative to (unset: the ``images`` folder)."""
+    num_frames: int = attrs.field(default=8, validator=positive)
+    """Frames taken from a video, spread evenly from its first frame to its last."""
+    fps: float | None = attrs.field(default=None, validator=positive)
+    """Take a frame every 1/fps seconds instead (thinned evenly to ``num_frames`` when there are more)."""
+    max_images: int = attrs.field(default=16, validator=positive)
+    """Most images + video frames in one record; a record over it is skipped and counted (over_budget)."""
 
 
 class JsonAnnotations:
@@ -148,7 +157,43 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 
 
 class LlavaConversations(JsonAnnotations):
-    """LLaVA's format: ``conversations`` from human/gpt; ``<image>`` becomes ``<Img><ImageHere></Img>``."""
+    """LLaVA's format: ``conversations`` from human/gpt; ``<image>`` becomes ``<Img><ImageHere></Img>``.
+
+    ``image`` may be a list (one ``<image>`` marker per image, in order). A record with ``video``
+    instead has one ``<video>`` (or ``<image>``) marker, or none (the frames then open the first
+    question); it stands for the video's frames (:mod:`mllmkit.data.video`), one image span each.
+    """
+
+    def __init__(self, *args: Any, videos: pathlib.Path | None = None, num_frames: int = 8,
+                 fps: float | None = None, max_images: int = 16, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.video_root = videos if videos is not None else self.image_root
+        self.num_frames, self.fps, self.max_images = num_frames, fps, max_images
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        sample = self.video_sample(record, index) if isinstance(record, dict) and "video" in record \
+            else super().__getitem__(index)
+        check_budget(len(sample.images), self.max_images, self.source, index)
+        return sample
+
+    def video_sample(self, record: dict, index: int) -> Sample:
+        video = record["video"]
+        if "image" in record:
+            raise self.malformed(index, "a record has 'image' or 'video', not both")
+        if not isinstance(video, str) or not video or pathlib.PurePath(video).is_absolute() \
+                or ".." in pathlib.PurePath(video).parts:
+            raise self.malformed(index, f"'video' must be a file name inside the video folder, found {video!r}")
+        _, messages = self.parse(record, index)
+        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
+        if markers > 1:
+            raise self.malformed(index, f"{markers} {IMAGE_MARKER} markers but one video")
+        frames = read_frames(self.video_root / video, self.num_frames, self.fps, self.source, index)
+        spans = IMAGE_SPAN * len(frames)
+        at = next(i for i, m in enumerate(messages) if m["role"] == "user" and (IMAGE_MARKER in m["content"] or not markers))
+        content = messages[at]["content"]
+        messages[at] = {"role": "user", "content": content.replace(IMAGE_SPAN, spans) if markers else f"{spans} {content}"}
+        return Sample(images=frames, messages=messages, source=self.source, index=index)
 
     def parse(self, record: dict, index: int) -> tuple[list[str], list[dict]]:
         turns = record.get("conversations")
@@ -163,7 +208,8 @@ class LlavaConversations(JsonAnnotations):
             role = _LLAVA_ROLES[turn["from"]]
             if not messages and role == "assistant":
                 continue  # like the seed: a conversation starts with the user
-            messages.append({"role": role, "content": turn["value"].replace("<image>", IMAGE_SPAN).strip()})
+            text = turn["value"].replace("<video>", "<image>") if "video" in record else turn["value"]
+            messages.append({"role": role, "content": text.replace("<image>", IMAGE_SPAN).strip()})
         if not any(m["role"] == "assistant" for m in messages):
             raise self.malformed(index, "no answer (gpt turn) after a human turn")
         return self._image_list(record, index), messages
@@ -174,7 +220,11 @@ def _build_instructions(cfg: InstructionConfig, ctx: BuildContext) -> MiniGPT4Qw
 
 
 def _build_llava(cfg: LlavaConfig, ctx: BuildContext) -> LlavaConversations:
-    return LlavaConversations("llava_conversations", cfg.annotations, cfg.images, cfg.max_samples)
+    if cfg.num_frames > cfg.max_images:
+        raise UserError(f"{ctx.key}.num_frames: {cfg.num_frames} frames per video is over max_images = "
+                        f"{cfg.max_images}, so every video would be skipped; lower num_frames or raise max_images")
+    return LlavaConversations("llava_conversations", cfg.annotations, cfg.images, cfg.max_samples,
+                              videos=cfg.videos, num_frames=cfg.num_frames, fps=cfg.fps, max_images=cfg.max_images)
 
 
 SPECS = [

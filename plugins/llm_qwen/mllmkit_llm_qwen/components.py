@@ -8,7 +8,8 @@ Options (recipe table ``[model.llm]``, ``type = "qwen"``):
 - ``preset``: ``qwen7b_chat``, ``qwen14b_chat`` or ``qwen_tiny``, used when there is no ``path``:
   random weights at that size. ``qwen_tiny`` has its own built-in vocabulary (no files at all); the
   7B/14B presets use that vocabulary too, with the special tokens at Qwen's real ids (for shape,
-  speed and memory work only).
+  speed and memory work only). ``qwen25_7b_instruct`` (Qwen2.5-7B-Instruct) only states the
+  architecture beside ``path``, so recipes check before the download; it builds nothing by itself.
 - ``attn_implementation`` (``sdpa``; ``flash_attention_2`` when installed; ``eager``), ``device_map``
   (``"auto"`` shards over the visible GPUs with accelerate for inference; or one device such as
   ``"cuda:0"``), ``system`` (default system prompt) and ``image_token`` (the image placeholder: ``<|extra_0|>`` for
@@ -72,6 +73,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen_tiny": {"model_type": "qwen", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "intermediate_size": 256, "vocab_size": 640, "seq_length": 2048,
                   "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6},
+    # Qwen2.5-7B-Instruct's config.json: states the architecture for `mllmkit check` before the download
+    # (building needs the folder: its tokenizer.json).
+    "qwen25_7b_instruct": {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
+                           "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
+                           "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                           "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
 }
 QWEN_V1_SPECIAL_BASE = 151643
 
@@ -81,7 +88,7 @@ class QwenConfig:
     """Options of the ``qwen`` LLM component (see the module docstring)."""
 
     path: pathlib.Path | None = None
-    preset: Literal["qwen7b_chat", "qwen14b_chat", "qwen_tiny"] | None = None
+    preset: Literal["qwen7b_chat", "qwen14b_chat", "qwen_tiny", "qwen25_7b_instruct"] | None = None
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     device_map: str | None = None
     system: str = DEFAULT_SYSTEM
@@ -105,6 +112,9 @@ def _raw_config(cfg: QwenConfig, *, building: bool = True) -> tuple[dict[str, An
     if cfg.preset is None:
         raise UserError("qwen: set `path` (a downloaded Qwen model folder) or `preset` "
                         "(qwen7b_chat, qwen14b_chat, qwen_tiny: random weights)")
+    if PRESETS[cfg.preset]["model_type"] == "qwen2":
+        raise UserError(f"qwen: preset = {cfg.preset!r} only states the architecture of a downloaded folder; "
+                        f"set `path` to that folder")
     return dict(PRESETS[cfg.preset]), f"preset {cfg.preset}"
 
 
