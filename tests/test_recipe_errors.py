@@ -53,7 +53,7 @@ BAD_RECIPES = [
     (GOOD.replace('type = "toy_vision"', 'type = "toy_vision"\nwidht = 8'), "model.vision.widht",
      "unknown option; did you mean 'width'? Allowed options here: image_size, patch_size, width, trainable"),
     (GOOD + "\n[run]\nsteps = 1\n", "run",
-     "unknown option. Allowed options here: model, data, train, parallel, chat, extends"),
+     "unknown option. Allowed options here: model, data, train, parallel, chat, eval, extends"),
     (GOOD.replace('type = "linear"', 'type = "linear"\nout_dim = 0'), "model.bridges[0].out_dim",
      "expected a value > 0, found 0"),
     (GOOD.replace("[[model.bridges]]", "[model.bridges]"), "model.bridges",
