@@ -117,3 +117,16 @@ def test_resume_auto_across_an_epoch_boundary(plugin_host, toy_recipe, tmp_path)
     assert resumed.losses == pytest.approx(full.losses[2:], abs=1e-6)
     # auto with the run finished: nothing left to do
     assert train(recipe, tmp_path / "b", resume="auto").losses == []
+
+
+def test_a_step_whose_every_sample_was_skipped_changes_nothing(plugin_host, toy_recipe):
+    """Data errors took every sample of the step: no backward, no AdamW step, the step is counted."""
+    engine, samples, collate = _setup(toy_recipe, "token")
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters() if p.requires_grad}
+    out = engine.train_step([collate([]), collate([])])
+    assert out["skipped"] is True and out["samples"] == 0.0 and out["loss"] != out["loss"]  # nan
+    assert engine.step == 1 and not engine.runner.optimizer.state
+    for name, param in engine.model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, before[name]), name
+    assert "skipped" not in engine.train_step([collate(samples)])  # the next step trains as usual

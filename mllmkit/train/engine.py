@@ -124,12 +124,17 @@ class Engine:
     # -- one optimizer step --
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """Set the step's learning rate, run forward/backward over this rank's micro-batches, clip,
-        step, and return the step's true loss over all ranks with the global counts."""
+        step, and return the step's true loss over all ranks with the global counts. A step whose
+        every sample was skipped (data errors) changes no weight and returns ``skipped: True``."""
         lr = self.lr_schedule(self.step)
         set_lr(self.runner.optimizer, lr)
         local = torch.tensor([sum(b.num_tokens for b in micro_batches), sum(b.size for b in micro_batches),
                               sum(1 for b in micro_batches if b.size)], dtype=torch.float64)
         counts = (self.backend.all_reduce(local) / self.backend.batch_replicas).tolist()
+        if counts[1] == 0:  # data errors took every sample of the step on every rank: no update
+            self.step += 1
+            return {"loss": float("nan"), "lr": lr, "grad_norm": float("nan"), "tokens": 0.0, "samples": 0.0,
+                    "skipped": True}
         window = StepWindow(micro_batches, self.settings.loss_reduction, counts,
                             self.runner.loss_multiplier(len(micro_batches)), self.device,
                             loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)

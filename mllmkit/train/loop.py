@@ -194,14 +194,17 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                 skips.add(s for b in micro_batches for s in b.skips)
                 out = engine.train_step(micro_batches)
                 losses.append(out["loss"])
-                for key in ("samples", "tokens"):
-                    window[key] += out[key]
-                window["loss"] += out["loss"]
-                window["steps"] += 1
                 step = engine.step
+                if out.get("skipped"):
+                    metrics.write({"step": step, "skipped_step": "every sample of the step was skipped; no update"})
+                else:
+                    for key in ("samples", "tokens"):
+                        window[key] += out[key]
+                    window["loss"] += out["loss"]
+                    window["steps"] += 1
                 if step % settings.log_every == 0 or step == total_steps:
                     elapsed = max(time.perf_counter() - window["time"], 1e-9)
-                    record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": window["loss"] / window["steps"],
+                    record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": window["loss"] / window["steps"] if window["steps"] else float("nan"),
                               "lr": out["lr"], "grad_norm": out["grad_norm"],
                               "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
                               "skipped": skips.counts()}
