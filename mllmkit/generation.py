@@ -7,7 +7,10 @@ graph of "embed one token → all layers → head", so each new token costs one 
 hundreds of kernel launches from Python. The host reads each token one step behind the GPU (the next
 step is queued before the host looks at the token), so the host work of stop checks and streaming
 overlaps the GPU. Elsewhere (CPU) the same static-cache loop runs eagerly; ``backend="hf"`` uses plain
-transformers ``generate`` instead.
+transformers ``generate`` instead. A decoder fuses each frozen layer's q/k/v and gate/up weights into
+one matmul each (:func:`mllmkit.fused_projections.fuse_projections`; same weights, fewer launches),
+and left-pads a prompt to a multiple of ``PREFILL_BUCKET`` tokens (masked out, positions unchanged),
+so prompts of many lengths share a few prefill shapes.
 
 Token selection follows transformers ``generate``: float32 logits, then its own processors in its
 order (repetition penalty over the generated tokens, temperature, top-k, top-p), then ``argmax`` or
@@ -27,9 +30,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from mllmkit.fused_projections import fuse_projections
 from mllmkit.hf_llm import cache_keyword
 
-__all__ = ["generate", "Decoder", "decoder_for", "TokenCallback"]
+__all__ = ["PREFILL_BUCKET", "generate", "Decoder", "decoder_for", "TokenCallback"]
 
 #: Called with each new token id, in order; returning True stops generation after that token.
 TokenCallback = Callable[[int], "bool | None"]
@@ -37,6 +41,8 @@ TokenCallback = Callable[[int], "bool | None"]
 _DECODERS: weakref.WeakKeyDictionary[nn.Module, Decoder] = weakref.WeakKeyDictionary()
 _BATCH_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[int, Decoder]] = weakref.WeakKeyDictionary()  # by rows
 _CACHE_LEN_STEP = 256  # static cache lengths are rounded up to this (one graph serves many prompts)
+PREFILL_BUCKET = 64
+"""Prompt lengths are left-padded to a multiple of this (where the cache has room) before the prefill."""
 
 
 def _hf_model(llm: nn.Module) -> nn.Module:
@@ -74,13 +80,16 @@ class Decoder:
     larger decoder (the old one is dropped with its cache). :meth:`generate` decodes one prompt
     (``batch_size`` 1); with ``batch_size`` > 1 the cache, the step and its graph hold that many rows,
     each with its own valid keys and positions, and :mod:`mllmkit.generation_batch` runs the loop.
+    ``fuse``: fuse the frozen layers' projections first (in place, for every later use of the model;
+    build the decoder after the model is on its device and in its dtype).
     """
 
     def __init__(self, llm: nn.Module, max_cache_len: int, *, use_cuda_graph: bool | None = None,
-                 compile: bool = False, batch_size: int = 1) -> None:
+                 compile: bool = False, batch_size: int = 1, fuse: bool = True) -> None:
         from transformers import StaticCache
 
         self.hf_model = _hf_model(llm)
+        self.fused_groups = fuse_projections(self.hf_model) if fuse else 0
         self.model = self.hf_model.model
         self._cache_kw = cache_keyword(self.model.forward)
         param = next(self.hf_model.parameters())
@@ -161,6 +170,17 @@ class Decoder:
             return self._logits
         return self._step_fn()
 
+    def bucket(self, inputs_embeds: torch.Tensor, valid: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[rows, L, H]`` prompts and ``valid`` left-padded to a multiple of :data:`PREFILL_BUCKET`
+        positions (padding invalid) when that and ``new_tokens`` fit the cache; else unchanged."""
+        length = inputs_embeds.shape[1]
+        pad = -length % PREFILL_BUCKET
+        if pad == 0 or length + pad + new_tokens > self.max_cache_len:
+            return inputs_embeds, valid
+        rows = inputs_embeds.shape[0]
+        return (torch.cat([inputs_embeds.new_zeros(rows, pad, inputs_embeds.shape[2]), inputs_embeds], dim=1),
+                torch.cat([valid.new_zeros(rows, pad), valid], dim=1))
+
     def prefill(self, inputs_embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Run ``[rows, L, H]`` prompts (``valid [rows, L]``, left padding False) into an empty cache;
         returns the last position's ``[rows, vocab]`` float32 logits."""
@@ -197,6 +217,8 @@ class Decoder:
             return []
         valid = (torch.ones(1, length, dtype=torch.bool, device=self.device) if attention_mask is None
                  else attention_mask.to(self.device).bool())
+        inputs_embeds, valid = self.bucket(inputs_embeds.to(self.device), valid, max_new_tokens)
+        length = inputs_embeds.shape[1]
         stops = {int(t) for t in stop_token_ids}
         processors = _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
         generated = torch.zeros(1, max_new_tokens, dtype=torch.long, device=self.device)
