@@ -4,7 +4,9 @@
 vision → bridges → LLM hidden size before any weight is read. ``assemble`` builds the parts in order,
 handing each bridge the previous width and the LLM's, and applies the keys every part shares
 (:mod:`mllmkit.recipe.shared`) itself: the dtype builders read weights into, the precision layout of
-vision encoders and bridges (:mod:`mllmkit.precision`), gradient checkpointing, and freezing.
+vision encoders and bridges (:mod:`mllmkit.precision`), gradient checkpointing, the fine-tuning policy
+(``tune``: LoRA adapters and QLoRA quantization, :mod:`mllmkit.tune`) and freezing; ``[model] init_from``
+then loads an earlier run's export over the assembled model.
 ``build`` makes one component by name, the same way.
 """
 
@@ -23,7 +25,7 @@ from mllmkit.interfaces import BuildContext, PartDims
 from mllmkit.precision import effective_precision, layout_for_autocast, resolve_device
 from mllmkit.recipe import Component, Recipe, load_recipe
 from mllmkit.recipe.resolve import resolve_component
-from mllmkit.recipe.shared import PartKeys
+from mllmkit.recipe.shared import LLMKeys, PartKeys
 
 __all__ = ["Wiring", "check_wiring", "assemble", "build"]
 
@@ -47,6 +49,10 @@ def check_wiring(recipe: Recipe) -> Wiring:
 
 
 def _check_wiring(recipe: Recipe) -> Wiring:
+    if recipe.llm.shared.quantize != "none":
+        from mllmkit.tune.quantize import check_quantize_device
+
+        check_quantize_device(recipe.train.device, recipe.llm.key)
     llm = recipe.llm.spec.dims(recipe.llm.config, BuildContext(key=recipe.llm.key, recipe_dir=recipe.dir))
     vision = recipe.vision.spec.dims(recipe.vision.config, BuildContext(key=recipe.vision.key, recipe_dir=recipe.dir))
     width, tokens, source = vision.out_dim, vision.out_tokens, f"{recipe.vision.key} ({recipe.vision.type})"
@@ -88,6 +94,23 @@ def _build_part(component: Component, context: BuildContext) -> Any:
                               f"{component.type} cannot recompute its activations (it has no "
                               f"gradient_checkpointing method); set it to false")
         switch(True)
+    return _tune(part, component, context)
+
+
+def _tune(part: Any, component: Component, context: BuildContext) -> Any:
+    """Apply the part's fine-tuning policy beyond freezing: QLoRA quantization, then LoRA adapters (fp32)."""
+    shared = component.shared
+    if isinstance(shared, LLMKeys) and shared.quantize != "none":
+        from mllmkit.tune.quantize import quantize_llm
+
+        quantize_llm(part, shared.quantize, context.device, component.key)
+    if shared.policy == "lora":
+        from mllmkit.tune.lora import apply_lora
+
+        apply_lora(part, shared.lora, component.kind, component.key, component.type)
+        for param in part.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()  # adapters train in fp32 beside low-precision base weights
     return part
 
 
@@ -113,7 +136,12 @@ def assemble(recipe: Recipe | str | pathlib.Path | Mapping[str, Any], device: st
         raise exc.with_file(str(recipe.path) if recipe.path else "<recipe>") from None
     trainable = {name: c.shared.trainable for name, c in zip(names, components)}
     del precision["llm"]  # the LLM's weights hold its precision; it runs under the training autocast
-    return MLLM(parts[0], parts[1:-1], parts[-1], trainable=trainable, precision=precision)
+    model = MLLM(parts[0], parts[1:-1], parts[-1], trainable=trainable, precision=precision)
+    if recipe.init_from is not None:
+        from mllmkit.tune.init_from import load_init_from
+
+        load_init_from(model, recipe.init_from, recipe.path)
+    return model
 
 
 def build(kind: str, type: str, /, context: BuildContext | None = None, **options: Any) -> Any:

@@ -18,7 +18,7 @@ import attrs
 from mllmkit.errors import RecipeError, UserError
 from mllmkit.recipe.load import apply_overrides, key_origin, read_recipe_data
 from mllmkit.recipe.schema import ChatSection, DataSection, EvalSection, RecipeSchema, TrainSection
-from mllmkit.recipe.shared import KIND_DEFAULTS, MISSPELLINGS, SHARED_KEYS, shared_names
+from mllmkit.recipe.shared import KIND_DEFAULTS, MISSPELLINGS, SHARED_KEYS, check_tune_spellings, shared_names
 from mllmkit.recipe.structure import structure, unknown_option, unstructure
 from mllmkit.registry import ComponentSpec, Registry
 
@@ -61,6 +61,8 @@ class Recipe:
     eval: EvalSection = attrs.Factory(EvalSection)
     eval_tasks: list[Component] = attrs.Factory(list)
     """The ``[[eval.tasks]]`` tables, resolved (kind ``eval_task``)."""
+    init_from: pathlib.Path | None = None
+    """``[model] init_from``: the export whose weights are loaded over the assembled model."""
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, defaults filled in (what ``mllmkit print-config`` prints)."""
@@ -69,7 +71,7 @@ class Recipe:
         data["eval"] = [c.to_dict() for c in self.eval_data]
         return {
             "model": {"vision": self.vision.to_dict(), "bridges": [b.to_dict() for b in self.bridges],
-                      "llm": self.llm.to_dict()},
+                      "llm": self.llm.to_dict(), **({"init_from": str(self.init_from)} if self.init_from else {})},
             "data": data,
             "train": unstructure(self.train),
             "parallel": self.parallel.to_dict(),
@@ -136,6 +138,7 @@ def resolve_component(kind: str, table: Any, key: str, folder: pathlib.Path, reg
     shared = None
     if SHARED_KEYS.get(kind) is not None:
         given = {k: v for k, v in table.items() if k in shared_keys}
+        check_tune_spellings(given, key)
         shared = structure(SHARED_KEYS[kind], {**KIND_DEFAULTS[kind], **spec.defaults, **given}, key, folder)
     return Component(kind=kind, type=str(name), key=key, config=config, spec=spec, shared=shared)
 
@@ -178,4 +181,5 @@ def _resolve(data: dict[str, Any], path: pathlib.Path | None, folder: pathlib.Pa
         chat=schema.chat,
         eval=schema.eval,
         eval_tasks=resolve_eval_tasks(schema.eval.tasks, folder, registry),
+        init_from=model.init_from,
     )
