@@ -210,9 +210,14 @@ class MLLM(nn.Module):
 
 
 def set_trainable(part: nn.Module, trainable: bool) -> None:
-    """Freeze a part (no gradients, eval mode) or let it train: the core's, from the recipe."""
+    """Freeze a part (no gradients, eval mode) or let it train (a part with LoRA adapters: only those): the
+    core's, from the recipe."""
     for param in part.parameters():
         param.requires_grad_(trainable and param.is_floating_point())
+    if trainable:
+        from mllmkit.tune.lora import keep_only_adapters_trainable
+
+        keep_only_adapters_trainable(part)  # tune = "lora": the adapters train, the base weights stay frozen
     part.train(trainable)
 
 

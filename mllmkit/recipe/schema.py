@@ -24,6 +24,9 @@ class ModelSection:
     vision: dict
     bridges: list[dict] = attrs.Factory(list)
     llm: dict
+    init_from: pathlib.Path | None = None
+    """An earlier run's export folder (or any checkpoint chat reads) loaded over the assembled model by
+    parameter name, strictly (stage 1 → stage 2: ``init_from = "runs/stage1/export"``)."""
 
 
 @attrs.frozen(kw_only=True)

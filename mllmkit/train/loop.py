@@ -50,6 +50,7 @@ from mllmkit.train.feature_cache import FeatureCache
 from mllmkit.train.fused import apply_fused_kernels
 from mllmkit.train.metrics import MetricsWriter
 from mllmkit.train.optim import build_adamw, check_lr_scale, make_lr_schedule
+from mllmkit.tune.lora import write_adapters
 
 __all__ = ["TrainResult", "build_backend", "train"]
 
@@ -227,6 +228,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         export_dir = None
         if backend.is_main:
             export_dir = export(run_dir, final_state["model"], recipe.to_dict())  # full tensors (ZeRO-3, pipeline)
+            write_adapters(export_dir, model, final_state["model"])  # tune = "lora": peft's layout, beside
             skips.write_jsonl(run_dir / "skipped.jsonl")
             if skips.seen:
                 print(skips.summary(), file=sys.stderr)
