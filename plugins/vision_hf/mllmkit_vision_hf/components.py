@@ -25,9 +25,11 @@ import pathlib
 from typing import Literal
 
 import attrs
+import torch
 
 from mllmkit.config import ConfigValueError, config
 from mllmkit.interfaces import BuildContext, PartDims
+from mllmkit.precision import layout_for_autocast
 from mllmkit.registry import ComponentSpec
 from mllmkit.weights import meta_parameters
 from mllmkit_vision_hf.encoder import HFVisionEncoder, build_encoder, layers_needed
@@ -91,7 +93,8 @@ def preset_dims(preset: Preset, cfg: Options, ctx: BuildContext) -> PartDims:
 
 
 def build_preset(preset: Preset, cfg: Options, ctx: BuildContext) -> HFVisionEncoder:
-    """Build ``preset``'s encoder: streamed from ``cfg.path`` (parameters on meta until loaded), or random."""
+    """Build ``preset``'s encoder: streamed from ``cfg.path`` (parameters on meta until loaded; Linear/Conv
+    weights in ``ctx.dtype``, the rest fp32, as the core lays vision encoders out), or random."""
     from mllmkit_vision_hf.loading import load_folder
 
     hf_config = resolve_config(preset, cfg, ctx.key, building=True)
@@ -102,7 +105,8 @@ def build_preset(preset: Preset, cfg: Options, ctx: BuildContext) -> HFVisionEnc
         return build_encoder(preset.family, hf_config, **options)
     with meta_parameters():
         encoder = build_encoder(preset.family, hf_config, **options)
-    load_folder(encoder, cfg.path, ctx.key, dtype=ctx.dtype)
+    layout_for_autocast(encoder, ctx.dtype or torch.float32)  # Linear/Conv weights read straight into ctx.dtype
+    load_folder(encoder, cfg.path, ctx.key)
     return encoder
 
 

@@ -17,10 +17,7 @@ import json
 import pathlib
 import re
 
-import torch
-
 from mllmkit.errors import UserError
-from mllmkit.precision import MATMUL_MODULES
 from mllmkit.weights import KeyMap, WeightsError, checkpoint_files, iter_tensors, load_into
 from mllmkit_vision_hf.encoder import HFVisionEncoder, transformer_of
 from mllmkit_vision_hf.families import Family, Preset
@@ -71,17 +68,9 @@ def vision_key_map(family: Family, num_layers: int, prefix: str) -> KeyMap:
                   skip=family.unused_keys)
 
 
-def _outside_matmuls(module: torch.nn.Module) -> list[str]:
-    """Exact-name patterns of the parameters that do not belong to a Linear/Conv module."""
-    return [re.escape(f"{owner}.{name}" if owner else name) for owner, sub in module.named_modules()
-            if not isinstance(sub, MATMUL_MODULES) for name, _ in sub.named_parameters(recurse=False)]
-
-
-def load_folder(encoder: HFVisionEncoder, folder: pathlib.Path, where: str, dtype: torch.dtype | None = None) -> None:
-    """Stream the folder's weights into ``encoder`` (built under ``meta_parameters``), strictly.
-
-    ``dtype`` (the core's ``BuildContext.dtype``) is what Linear/Conv weights are read into; norms and
-    embeddings stay fp32, as the core lays vision encoders out for autocast."""
+def load_folder(encoder: HFVisionEncoder, folder: pathlib.Path, where: str) -> None:
+    """Stream the folder's weights into ``encoder`` (built under ``meta_parameters``), strictly, each
+    tensor in the dtype of the parameter it fills."""
     transformer = transformer_of(encoder.tower)
     prefix = "tower." + ("vision_model." if transformer is not encoder.tower else "")
     key_map = vision_key_map(encoder.family, len(transformer.encoder.layers), prefix)
@@ -90,8 +79,7 @@ def load_folder(encoder: HFVisionEncoder, folder: pathlib.Path, where: str, dtyp
     except WeightsError as exc:
         raise WeightsError(f"{where}.path: {exc}") from None
     try:
-        load_into(encoder, iter_tensors(files), key_map, source=str(folder), dtype=dtype,
-                  keep_fp32=_outside_matmuls(encoder))
+        load_into(encoder, iter_tensors(files), key_map, source=str(folder))
     except WeightsError as exc:
         raise WeightsError(f"{where}.path: {exc}. Expected a Hugging Face {encoder.family.full_model_class} "
                            f"folder (keys vision_model.*, text_model.*) as downloaded") from None

@@ -102,10 +102,14 @@ def test_gradient_checkpointing_recomputes_layers_with_the_same_grads():
 def test_in_a_whole_model(plugin_host, toy_recipe):
     from mllmkit import assemble, check_wiring, load_recipe
 
-    toy_recipe["model"]["vision"] = {"type": "clip_tiny"}
+    toy_recipe["model"]["vision"] = {"type": "clip_tiny", "precision": "bf16", "gradient_checkpointing": True}
     toy_recipe["model"]["bridges"] = [{"type": "mlp"}]
     wiring = check_wiring(load_recipe(toy_recipe))
     assert (wiring.vision.out_dim, wiring.vision.out_tokens) == (32, 4)
     model = assemble(toy_recipe)
     assert model.tokens_per_image == 4
+    layer = model.vision.blocks()[0]  # the core's shared keys: precision laid out, checkpointing switched on
+    assert layer.mlp.fc1.weight.dtype == torch.bfloat16 and layer.layer_norm1.weight.dtype == torch.float32
+    assert all(block.gradient_checkpointing for block in model.vision.blocks())
+    assert not any(p.requires_grad for p in model.vision.parameters())  # frozen by default
     assert model.encode_images(torch.rand(2, 3, 28, 28)).shape == (2, 4, model.llm.hidden_size)
