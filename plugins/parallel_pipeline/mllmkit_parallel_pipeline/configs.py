@@ -6,7 +6,8 @@ the same thing under every backend; these tables only hold what is DeepSpeed-spe
 
 from __future__ import annotations
 
-from typing import Any
+import pathlib
+from typing import Any, Literal
 
 import attrs
 
@@ -41,6 +42,12 @@ class PipelineConfig:
     stage_map: list[int] | None = attrs.field(default=None, validator=_stage_map)
     """Decoder layers per stage, e.g. [19, 21]; stage 0 also holds vision + bridges + embedding, the
     last stage the final norm + head. Unset: partition by estimated cost (parameters and FLOPs)."""
+    partition: Literal["cost", "measured"] = "cost"
+    """How stages are cut when ``stage_map`` is unset: by the FLOP cost model, or by measured per-layer
+    forward + backward seconds (read from ``profile``; measured there first by rank 0 when the file is
+    missing, which needs ``meta_init = false``)."""
+    profile: pathlib.Path = pathlib.Path("pipeline_profile.json")
+    """The per-layer time profile of ``partition = "measured"`` (JSON; relative to the recipe's folder)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (less activation memory)."""
     meta_init: bool = True

@@ -14,17 +14,30 @@ Parameter memory (bytes in the model's dtypes) is counted per layer.
 
 :func:`plan_partition` finds the contiguous split that minimises the slowest stage's FLOPs and,
 among splits within 2 % of it, the largest stage's parameter bytes. An explicit ``stage_map``
-(decoder layers per stage) overrides it.
+(decoder layers per stage) overrides it. With a measured profile (``partition = "measured"``:
+:func:`measure_layer_seconds` times each layer's forward + backward on a device, :func:`write_profile`
+keeps the times in a JSON file and :func:`read_profile` puts them on the costs) the split balances
+measured seconds instead of FLOPs, which the FLOP count misjudges for the vision tower and the head.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
 import attrs
+import torch
 from torch import nn
 
 from mllmkit.errors import UserError
 
-__all__ = ["LABEL_FRACTION", "LayerCost", "Plan", "format_plan", "layer_costs", "plan_partition"]
+__all__ = ["LABEL_FRACTION", "LayerCost", "Plan", "format_plan", "layer_costs", "measure_layer_seconds",
+           "plan_partition", "read_profile", "write_profile"]
 
 LABEL_FRACTION = 0.5
 """Share of a sequence's positions assumed labelled (where the head runs)."""
@@ -37,6 +50,8 @@ class LayerCost:
     param_bytes: int
     flops: float
     """Training FLOPs per sample (forward and backward)."""
+    seconds: float | None = None
+    """Measured forward + backward seconds per micro-batch (:func:`read_profile`), when known."""
 
 
 @attrs.frozen
@@ -56,6 +71,11 @@ class Plan:
 
     def stage_flops(self) -> list[float]:
         return [sum(c.flops for c in self.stage_layers(s)) for s in range(self.num_stages)]
+
+    def stage_seconds(self) -> list[float] | None:
+        if any(c.seconds is None for c in self.layers):
+            return None
+        return [sum(c.seconds for c in self.stage_layers(s)) for s in range(self.num_stages)]
 
     def stage_bytes(self) -> list[int]:
         return [sum(c.param_bytes for c in self.stage_layers(s)) for s in range(self.num_stages)]
@@ -175,16 +195,79 @@ def plan_partition(costs: list[LayerCost], num_stages: int, stage_map: list[int]
     if num_stages > len(costs):
         raise UserError(f"parallel.num_stages = {num_stages} is more than the {len(costs)} pipeline layers "
                         f"(embed + {len(costs) - 2} decoder layers + final)")
-    flops = [c.flops for c in costs]
-    best_flops, _ = _best_split(flops, num_stages, None, None)
+    measured = all(c.seconds is not None for c in costs)
+    work = [c.seconds if measured else c.flops for c in costs]
+    best_work, _ = _best_split(work, num_stages, None, None)
     # among splits within 2 % of the fastest, the one with the smallest largest stage in bytes
-    _, parts = _best_split([float(c.param_bytes) for c in costs], num_stages, best_flops * 1.02, flops)
-    return Plan(parts=parts, layers=costs, source="cost model")
+    _, parts = _best_split([float(c.param_bytes) for c in costs], num_stages, best_work * 1.02, work)
+    return Plan(parts=parts, layers=costs, source="measured times" if measured else "cost model")
+
+
+def measure_layer_seconds(layers: Sequence[nn.Module], inputs, device: torch.device, *, reps: int = 3,
+                          loss: Callable[[nn.Module, object], torch.Tensor] | None = None) -> list[float]:
+    """Median forward + backward seconds of each of ``layers`` (on ``device``, weights already there),
+    fed in sequence from ``inputs`` (the first layer's input). Floating inputs get gradients, so a
+    layer's backward is timed as the pipeline runs it; ``loss(layer, output)`` makes the last
+    layer's scalar (default: the sum of its first output). The first of ``reps + 1`` runs warms up."""
+    def detached(value):
+        if isinstance(value, tuple):
+            return tuple(detached(v) for v in value)
+        if torch.is_tensor(value) and value.is_floating_point():
+            return value.detach().requires_grad_(True)
+        return value
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    seconds = []
+    for k, layer in enumerate(layers):
+        times = []
+        for _ in range(reps + 1):
+            x = detached(inputs)
+            sync()
+            start = time.perf_counter()
+            out = layer(x)
+            first = out[0] if isinstance(out, tuple) else out
+            scalar = loss(layer, out) if loss is not None and k == len(layers) - 1 else first.float().sum()
+            if scalar.requires_grad:
+                scalar.backward()
+            sync()
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times[1:]))
+        inputs = tuple(o.detach() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) \
+            else out.detach()
+    return seconds
+
+
+def write_profile(path: pathlib.Path, costs: Sequence[LayerCost], seconds: Sequence[float], **about) -> None:
+    """Keep measured per-layer seconds (and what they were measured on, ``about``) in a JSON file, atomically."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"layers": [c.name for c in costs], "seconds": list(seconds), **about}, indent=1)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def read_profile(path: pathlib.Path, costs: Sequence[LayerCost]) -> list[LayerCost]:
+    """``costs`` with the measured seconds of the profile at ``path`` (its layers must be these layers)."""
+    try:
+        profile = json.loads(pathlib.Path(path).read_text())
+        names, seconds = list(profile["layers"]), [float(s) for s in profile["seconds"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"parallel.profile: cannot read the layer-time profile {path} ({exc}); delete it to "
+                        f"measure again, or set parallel.partition = 'cost'") from None
+    if names != [c.name for c in costs] or len(seconds) != len(costs):
+        raise UserError(f"parallel.profile: {path} times {len(names)} layers of another model (this one has "
+                        f"{len(costs)}); delete it to measure again, or point parallel.profile at this model's")
+    return [attrs.evolve(c, seconds=s) for c, s in zip(costs, seconds)]
 
 
 def format_plan(plan: Plan) -> str:
     """A per-stage table: layers, decoder layers, parameters, bytes, FLOPs share."""
     total = sum(plan.stage_flops()) or 1.0
+    measured = plan.stage_seconds()
     lines = [f"pipeline partition ({plan.source}): {plan.num_stages} stages",
              f"{'stage':>5} {'layers':>13} {'decoders':>8} {'params (M)':>11} {'GiB':>7} {'TFLOP/sample':>13} {'share':>6}"]
     for s in range(plan.num_stages):
@@ -192,5 +275,6 @@ def format_plan(plan: Plan) -> str:
         flops = plan.stage_flops()[s]
         lines.append(f"{s:>5} {f'{first}-{last}':>13} {plan.stage_decoder_layers()[s]:>8} "
                      f"{plan.stage_params()[s] / 1e6:>11.1f} {plan.stage_bytes()[s] / 2**30:>7.2f} "
-                     f"{flops / 1e12:>13.3f} {flops / total:>6.1%}")
+                     f"{flops / 1e12:>13.3f} {flops / total:>6.1%}"
+                     + (f"  measured {measured[s] * 1e3:.1f} ms ({measured[s] / sum(measured):.1%})" if measured else ""))
     return "\n".join(lines)

@@ -50,7 +50,15 @@ from mllmkit.train.engine import Engine
 from mllmkit.weights import meta_parameters
 from mllmkit_parallel_pipeline.configs import PipelineConfig
 from mllmkit_parallel_pipeline.known_shapes import KnownShapeTransfers
-from mllmkit_parallel_pipeline.partition import Plan, format_plan, layer_costs, plan_partition
+from mllmkit_parallel_pipeline.partition import (
+    Plan,
+    format_plan,
+    layer_costs,
+    measure_layer_seconds,
+    plan_partition,
+    read_profile,
+    write_profile,
+)
 from mllmkit_parallel_pipeline.pipe_layers import (
     LabelledLoss,
     materialize_layers,
@@ -67,12 +75,53 @@ def pipeline_ds_config(cfg: PipelineConfig, train, dp_world: int) -> dict[str, A
     return merge_config(out, cfg.extra)
 
 
-def plan_for(model: nn.Module, cfg: PipelineConfig, train) -> Plan:
-    """The partition of ``model`` for this config (cost model or ``stage_map``)."""
-    costs = layer_costs(model, seq_len=cfg.plan_seq_len or train.max_text_len + model.tokens_per_image,
-                        images=cfg.images_per_sample,
+def plan_for(model: nn.Module, cfg: PipelineConfig, train, measure: Callable[[list], list[float]] | None = None) -> Plan:
+    """The partition of ``model`` for this config (cost model, measured profile, or ``stage_map``).
+    ``measure(costs)``: per-layer seconds when ``partition = "measured"`` and no profile exists yet."""
+    costs = layer_costs(model, seq_len=_plan_seq_len(model, cfg, train), images=cfg.images_per_sample,
                         checkpointing=cfg.activation_checkpointing or train.gradient_checkpointing)
+    if cfg.partition == "measured" and cfg.stage_map is None:
+        if not cfg.profile.exists():
+            if measure is None:
+                raise UserError(f"parallel.profile: {cfg.profile} does not exist and nothing here can measure it")
+            write_profile(cfg.profile, costs, measure(costs), seq_len=_plan_seq_len(model, cfg, train),
+                          micro_batch_size=train.micro_batch_size, device=torch.cuda.get_device_name()
+                          if torch.cuda.is_available() else "cpu")
+        costs = read_profile(cfg.profile, costs)
     return plan_partition(costs, cfg.num_stages, cfg.stage_map)
+
+
+def _plan_seq_len(model: nn.Module, cfg: PipelineConfig, train) -> int:
+    return cfg.plan_seq_len or train.max_text_len + model.tokens_per_image
+
+
+def measure_pipeline_layers(model: nn.Module, layers: list[nn.Module], cfg: PipelineConfig, train,
+                            device: torch.device) -> list[float]:
+    """Forward + backward seconds of every pipeline layer of a fully built ``model`` on ``device``, one
+    layer moved there at a time, on a synthetic micro-batch of the planned shape under the run's autocast."""
+    if cfg.meta_init:
+        raise UserError("parallel.partition = 'measured' times every layer on one device, but meta_init = true "
+                        "builds only this rank's stage; set parallel.meta_init = false for the measuring run "
+                        f"(the profile is kept in {cfg.profile} for later runs), or give a profile")
+    rows, length = train.micro_batch_size, _plan_seq_len(model, cfg, train)
+    images = int(round(cfg.images_per_sample))
+    ids = torch.zeros(rows, length, dtype=torch.long)
+    ids[:, :images * model.tokens_per_image] = model.llm.template.image_token_id
+    size = model.vision.image_size
+    inputs = (ids.to(device), torch.ones(rows, length, dtype=torch.long, device=device),
+              torch.randn(rows * images, 3, size, size, device=device))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
+    seconds = []
+    for layer in layers:
+        layer.to(device)
+        head = getattr(layer, "head", None)
+        loss = (lambda final, out: final.head(out[: out.shape[0], : out.shape[1] // 2]).float().sum()) if head else None
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            seconds += measure_layer_seconds([layer], inputs, device, loss=loss)
+            with torch.no_grad():
+                inputs = layer(inputs)
+        layer.to("cpu")
+    return seconds
 
 
 class PipelineBackend(DeepSpeedBackend):
@@ -124,6 +173,11 @@ class PipelineRunner:
         self.model, self.backend = model, backend
         self.device = backend.device
         layers = pipeline_layers(model, cfg.activation_checkpointing or train.gradient_checkpointing)
+        if cfg.partition == "measured" and cfg.stage_map is None:
+            if backend.is_main and not cfg.profile.exists():
+                plan_for(model, cfg, train, measure=lambda costs: measure_pipeline_layers(model, layers, cfg, train,
+                                                                                          self.device))
+            backend.barrier()  # every rank reads the one profile rank 0 measured
         self.plan = plan_for(model, cfg, train)
         if backend.is_main:
             print(format_plan(self.plan), file=sys.stderr, flush=True)
