@@ -1,4 +1,4 @@
-"""The core's own plugin: built-in bridges, datasets and parallel backends (``single``, ``ddp``, ``zero``),
+"""The core's own plugin: built-in bridges, datasets and parallel backends (``single``, ``ddp``, ``zero``, ``fsdp``),
 registered like any other."""
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def mllmkit_register_datasets() -> list[ComponentSpec]:
 
 @hookimpl
 def mllmkit_register_parallel_backends() -> list[ComponentSpec]:
-    from mllmkit.builtin import backends, zero
+    from mllmkit.builtin import backends, fsdp, zero
 
-    return [*backends.SPECS, *zero.SPECS]
+    return [*backends.SPECS, *zero.SPECS, *fsdp.SPECS]
 
 
 @hookimpl

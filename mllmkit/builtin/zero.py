@@ -165,6 +165,10 @@ class ZeroBackend(DeepSpeedBackend):
 
     name = "zero"
 
+    def state_shards(self) -> tuple[int, int, int]:
+        world, stage = self.world_size, self.cfg.stage
+        return (world if stage >= 3 else 1), (world if stage >= 2 else 1), (world if stage >= 1 else 1)
+
     def prepare(self, model: nn.Module, optimizer_factory: Callable[..., Any], lr_schedule: Callable[[int], float],
                 train) -> Engine:
         return Engine(model, self, ZeroRunner(model, self, optimizer_factory, train), lr_schedule, train)

@@ -81,6 +81,11 @@ class BackendBase:
 
         return assemble(recipe)
 
+    def state_shards(self) -> tuple[int, int, int]:
+        """How many ways each process's share of the trainable (weights, gradients, optimizer state) is
+        split (ZeRO-3/FSDP: all three by the data-parallel ranks); the memory estimate reads it."""
+        return 1, 1, 1
+
     @property
     def is_main(self) -> bool:
         return self.global_rank == 0
