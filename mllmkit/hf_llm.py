@@ -59,6 +59,8 @@ class HFCausalLM(nn.Module):
         self.template = template
         self.hidden_size: int = hf_model.config.hidden_size
         self.max_positions = max_positions
+        self.checkpointing = False
+        """Whether :meth:`gradient_checkpointing` is on (the pipeline's cost model counts the recompute)."""
 
     # -- the pieces the MLLM and pipeline backends use --
     @property
@@ -143,6 +145,7 @@ class HFCausalLM(nn.Module):
         mode (``MLLM.train``) although gradients still flow through it to the bridge; so the layers'
         ``forward`` is wrapped here, checkpointing whenever autograd records.
         """
+        self.checkpointing = enabled
         for layer in self.layers():
             if enabled:
                 layer.forward = functools.partial(_checkpointed_forward, type(layer).forward.__get__(layer))

@@ -122,12 +122,13 @@ class LLM(Protocol):
     computed at labelled positions only. ``hf_model`` is the underlying transformers model (for
     generation and pipeline partitioning through ``layers()``, ``norm``, ``head``).
     ``gradient_checkpointing(enabled)`` recomputes the decoder layers in backward (the core calls it
-    from the recipe's ``gradient_checkpointing``).
+    from the recipe's ``gradient_checkpointing``); ``checkpointing`` says whether it is on.
     """
 
     hidden_size: int
     tokenizer: Tokenizer
     template: ChatTemplate
+    checkpointing: bool
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
     def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -90,9 +90,6 @@ class MLLM(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
     # -- images to tokens --
     def run_part(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
         """The vision encoder (``"vision"``) or a bridge (``"bridges.N"``) applied in its declared
@@ -166,10 +163,19 @@ class MLLM(nn.Module):
         if not checked:
             self.check_image_tokens(input_ids, n_images)
         if n_images == 0:
+            if torch.is_grad_enabled() and self._image_path_trains():
+                # no image in this micro-batch: one blank image through the image path, added times 0, keeps
+                # its trainable parts in the graph (the loss has a grad_fn; DDP and ZeRO-3 see them used)
+                size = self.vision.image_size
+                blank = self.encode_images(torch.zeros(1, 3, size, size, device=embeds.device))
+                return embeds + blank.sum().to(embeds.dtype) * 0
             return embeds
         placeholder = input_ids == self.llm.template.image_token_id
         rows = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(placeholder.unsqueeze(-1), rows)
+
+    def _image_path_trains(self) -> bool:
+        return any(trains for name, trains in self.trainable_parts.items() if name != "llm")
 
     # -- loss --
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

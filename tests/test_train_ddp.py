@@ -103,8 +103,8 @@ def test_a_dead_rank_stops_the_others(plugin_host, tmp_path):
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
-    from mllmkit.train.dist import pick_device
     from mllmkit.errors import UserError
+    from mllmkit.train.dist import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -119,8 +119,6 @@ class TrainSection:
     eval_every: int | None = attrs.field(default=None, validator=positive)
     save_every: int | None = attrs.field(default=None, validator=positive)
     keep_last: int = attrs.field(default=2, validator=positive)
-    gradient_checkpointing: bool = False
-    """Activation checkpointing in the LLM (saves memory, costs a recompute)."""
     fused_kernels: Literal["none", "liger"] = "none"
     """Fused training kernels for the LLM: ``"liger"`` patches RMSNorm, rotary and SwiGLU with liger-kernel's
     Triton kernels and computes the loss with its fused linear + cross-entropy (CUDA only; the ``liger`` extra)."""

@@ -76,10 +76,11 @@ class BackendBase:
         return 1
 
     def assemble(self, recipe):
-        """Build the recipe's model (a backend may build it otherwise, e.g. on the meta device)."""
+        """Build the recipe's model for this backend's device (a backend may build it otherwise, e.g. on
+        the meta device)."""
         from mllmkit.assemble import assemble
 
-        return assemble(recipe)
+        return assemble(recipe, device=self.device)
 
     def state_shards(self) -> tuple[int, int, int]:
         """How many ways each process's share of the trainable (weights, gradients, optimizer state) is

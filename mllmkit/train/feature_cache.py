@@ -63,9 +63,12 @@ def _frozen_parts(model: MLLM) -> list[str]:
 
 
 def fingerprint(model: MLLM, config: Any) -> str:
-    """A hash of ``config`` (the frozen parts' recipe tables, the transform: anything JSON can write)
-    and of every parameter and buffer of the frozen parts: names, dtypes, shapes and bytes."""
+    """A hash of ``config`` (the frozen parts' recipe tables, the transform: anything JSON can write),
+    the precision each frozen part runs in here (fp16 runs in fp32 on a CPU) and every parameter and
+    buffer of the frozen parts: names, dtypes, shapes and bytes."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=repr).encode())
+    for part in _frozen_parts(model):
+        digest.update(f"{part}:{model.part_precision.get(part, 'fp32')}".encode())
     for part in _frozen_parts(model):
         for name, tensor in model.get_submodule(part).state_dict().items():
             digest.update(f"{part}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

@@ -51,6 +51,7 @@ from mllmkit.train.fused import apply_fused_kernels
 from mllmkit.train.metrics import MetricsWriter
 from mllmkit.train.optim import build_adamw, check_lr_scale, make_lr_schedule
 from mllmkit.tune.lora import write_adapters
+from mllmkit.tune.memory import check_fits
 
 __all__ = ["TrainResult", "build_backend", "train"]
 
@@ -89,11 +90,10 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         backend.barrier()
 
         # -- model (same seed on every rank, so frozen weights are identical without a broadcast) --
+        check_fits(recipe, backend)  # a full fine-tune that cannot fit stops before any weight is read
         torch.manual_seed(settings.seed)
         model = backend.assemble(recipe)  # the pipeline's: parameters on the meta device first
         check_lr_scale((name for name, p in model.named_parameters() if p.requires_grad), settings.lr_scale)
-        if settings.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing"):
-            model.llm.gradient_checkpointing(True)
 
         # -- data --
         context = BuildContext(key="data", recipe_dir=recipe.dir, model=model)
@@ -101,7 +101,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         eval_sets = [c.spec.build(c.config, attrs.evolve(context, key=c.key)) for c in recipe.eval_data]
         if not datasets:
             raise UserError("the recipe has no training data; add a [[data.train]] table")
-        weights = [getattr(c.config, "weight", 1.0) for c in recipe.train_data]
+        weights = [c.shared.weight for c in recipe.train_data]
         sizes = [len(d) for d in datasets]
         template = model.llm.template
         encoder = SampleEncoder(template, model.tokens_per_image, model.vision.image_transform(data.augment),
@@ -208,6 +208,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                     record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": window["loss"] / window["steps"] if window["steps"] else float("nan"),
                               "lr": out["lr"], "grad_norm": out["grad_norm"],
                               "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
+                              "samples": window["samples"],
                               "skipped": skips.counts()}
                     metrics.write(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{out['lr']:.2e}",

@@ -79,7 +79,7 @@ def plan_for(model: nn.Module, cfg: PipelineConfig, train, measure: Callable[[li
     """The partition of ``model`` for this config (cost model, measured profile, or ``stage_map``).
     ``measure(costs)``: per-layer seconds when ``partition = "measured"`` and no profile exists yet."""
     costs = layer_costs(model, seq_len=_plan_seq_len(model, cfg, train), images=cfg.images_per_sample,
-                        checkpointing=cfg.activation_checkpointing or train.gradient_checkpointing)
+                        checkpointing=cfg.activation_checkpointing or model.llm.checkpointing)
     if cfg.partition == "measured" and cfg.stage_map is None:
         if not cfg.profile.exists():
             if measure is None:
@@ -172,7 +172,7 @@ class PipelineRunner:
         cfg: PipelineConfig = backend.cfg
         self.model, self.backend = model, backend
         self.device = backend.device
-        layers = pipeline_layers(model, cfg.activation_checkpointing or train.gradient_checkpointing)
+        layers = pipeline_layers(model, cfg.activation_checkpointing)  # the LLM's own switch acts inside
         if cfg.partition == "measured" and cfg.stage_map is None:
             if backend.is_main and not cfg.profile.exists():
                 plan_for(model, cfg, train, measure=lambda costs: measure_pipeline_layers(model, layers, cfg, train,
