@@ -7,9 +7,12 @@ Full-size parts through the real plugins (eva_vit_g fp16, qformer, linear, qwen7
 weights). The prompt is one image (32 image tokens) + a 100-token question in ChatML framing.
 Time to first token = pixels and ids in → first new token id on the host (image encoding, embedding,
 prefill, token choice). Decode rate = 255 / (time for 256 new tokens − time for 1). Compared:
-plain transformers ``generate`` (dynamic cache) and ``mllmkit.generation`` (static cache + CUDA graph),
-greedy and sampling; beside the bandwidth bound (LLM weight bytes read per token / measured copy
-bandwidth). No stop tokens, so every run makes exactly the tokens asked for.
+plain transformers ``generate`` (dynamic cache), ``mllmkit.generation`` with unfused weights, and
+``mllmkit.generation`` as chat runs it (q/k/v and gate/up fused, prompt bucketed; static cache + CUDA
+graph; then also compiled), greedy and sampling; beside the bandwidth bound (LLM weight bytes read per
+token / copy bandwidth measured in the same process). Batched decoding (``mllmkit.generation_batch``,
+8 and 32 copies of the prompt, greedy): aggregate new tokens/s over the whole call and over the decode
+steps alone. No stop tokens, so every run makes exactly the tokens asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import _plugins as B  # noqa: E402
 import torch  # noqa: E402
 
 import mllmkit  # noqa: E402
-from mllmkit.generation import _DECODERS, decoder_for, generate  # noqa: E402
+from mllmkit.generation import _DECODERS, Decoder, decoder_for, generate  # noqa: E402
+from mllmkit.generation_batch import BatchRow, generate_batch  # noqa: E402
 
 
 def median_s(fn, reps: int) -> float:
@@ -94,14 +98,24 @@ def main() -> None:
         kw = dict(do_sample=True, top_p=0.8, temperature=0.7) if do_sample else {}
         return generate(llm, embeds(), torch.ones_like(input_ids), max_new_tokens=n, **kw)
 
-    t0 = time.perf_counter()
-    decoder_for(llm, len(ids) + args.new_tokens)
-    B.sync()
-    result["mllmkit_decoder_build_and_capture_s"] = round(time.perf_counter() - t0, 2)
-    result["mllmkit_cache_len"] = _DECODERS[hf].max_cache_len
+    unfused: list[Decoder] = []
+
+    def unfused_run(n: int, do_sample: bool = False):
+        if not unfused:  # built (and captured) once, before anything fuses the model's weights
+            unfused.append(Decoder(llm, -(-(len(ids) + args.new_tokens) // 256) * 256, fuse=False))
+        kw = dict(do_sample=True, top_p=0.8, temperature=0.7) if do_sample else {}
+        return unfused[0].generate(embeds(), torch.ones_like(input_ids), max_new_tokens=n, **kw)
 
     rows = []
     measured = {}
+
+    def build_fused():
+        t0 = time.perf_counter()
+        decoder_for(llm, len(ids) + args.new_tokens)
+        B.sync()
+        result["mllmkit_decoder_build_and_capture_s"] = round(time.perf_counter() - t0, 2)
+        result["mllmkit_cache_len"] = _DECODERS[hf].max_cache_len
+        result["mllmkit_fused_groups"] = _DECODERS[hf].fused_groups
 
     def compiled():
         t0 = time.perf_counter()
@@ -109,7 +123,13 @@ def main() -> None:
         B.sync()
         result["mllmkit_compiled_decoder_build_s"] = round(time.perf_counter() - t0, 2)
 
-    for name, run in (("HF generate", hf_run), ("mllmkit.generation", mk_run), ("mllmkit.generation+compile", mk_run)):
+    unfused_tokens = None
+    for name, run in (("HF generate", hf_run), ("mllmkit.generation unfused", unfused_run),
+                      ("mllmkit.generation", mk_run), ("mllmkit.generation+compile", mk_run)):
+        if name == "mllmkit.generation":
+            unfused_tokens = unfused_run(64)
+            unfused.clear()  # free its cache
+            build_fused()
         if name.endswith("+compile"):
             try:
                 compiled()
@@ -131,9 +151,28 @@ def main() -> None:
     hf_tokens, mk_tokens = hf_run(64), mk_run(64)
     same = next((i for i, (a, b) in enumerate(zip(hf_tokens, mk_tokens)) if a != b), len(hf_tokens))
     result["greedy_first_64_agree_for"] = same
+    result["greedy_fused_equals_unfused_64"] = mk_tokens == unfused_tokens
+
+    batched = {}
+    for rows_n in (8, 32):
+        def batch_run(n: int, rows_n: int = rows_n):
+            prompt = embeds()[0]
+            return generate_batch(llm, [BatchRow(prompt, max_new_tokens=n) for _ in range(rows_n)])
+
+        batch_run(2)
+        batch_run(args.new_tokens)  # warm-up (decoder build and capture for this row count)
+        first = median_s(lambda: batch_run(1), args.reps)
+        full = median_s(lambda: batch_run(args.new_tokens), args.reps)
+        batched[rows_n] = {"aggregate_tokens_per_s": round(rows_n * args.new_tokens / full, 1),
+                           "decode_tokens_per_s": round(rows_n * (args.new_tokens - 1) / (full - first), 1),
+                           "first_token_ms": round(first * 1e3, 2), "total_s": round(full, 4)}
+        rows.append([f"generation_batch x{rows_n} (greedy)", f"{first * 1e3:.1f}",
+                     f"{batched[rows_n]['decode_tokens_per_s']:.1f} (all rows)", "-"])
+    result["batched"] = batched
     for k in measured:
         base = measured[f"HF generate ({k.split('(')[1]}"]["decode_tokens_per_s"]
         measured[k]["decode_speedup_vs_hf"] = round(measured[k]["decode_tokens_per_s"] / base, 2)
+        measured[k]["ttft_vs_hf"] = round(measured[k]["ttft_ms"] / measured[f"HF generate ({k.split('(')[1]}"]["ttft_ms"], 3)
     result["runs"] = measured
     result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
     B.write_result("decode_latency_tiny" if args.tiny else "decode_latency", result, args.tiny)

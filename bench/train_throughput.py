@@ -15,7 +15,11 @@ replaced by ``--set``; the full-size files are not written). Rows, each one run,
   every position, fp32 logits), random-crop augmentation;
 * mllmkit: micro-batch 16, ``data.group_by_length``, ``data.pad_to_multiple=64``, no checkpointing,
   head at labelled tokens, ``data.augment=false``;
-* mllmkit + ``train.cache_features``: the same, two epochs, the second (features cached) measured.
+* mllmkit + ``train.cache_features``: the same, two epochs, the second (features cached) measured;
+* mllmkit packed: ``data.packing`` (whole samples in one row of up to ``--batch`` × 256 tokens, no
+  padding, positions restart per sample), micro-batch 1 row, otherwise as the mllmkit row;
+* mllmkit packed + liger (CUDA only): the same with ``train.fused_kernels=liger`` (its error is
+  recorded instead when liger-kernel cannot run).
 
 samples/s come from each run's own ``metrics.jsonl`` (``log_every = 1``), over the steps after the
 warm-up ones. Required FLOPs per sample: 4·N_llm_body·tokens + 4·N_head·labelled tokens + 3× the
@@ -98,11 +102,11 @@ def run_row(name: str, overrides: list[str], run_dir: pathlib.Path, skip_steps: 
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("samples_per_s") and r["step"] > skip_steps]
-    samples_per_step = [r["samples_per_s"] for r in steps]
-    seconds = sum(1 / s for s in samples_per_step)  # each record is one step of the same number of samples
+    step_seconds = [r["samples"] / r["samples_per_s"] for r in steps]  # each record is one step (packed: any size)
+    seconds = sum(step_seconds)
     return {"row": name, "overrides": overrides, "measured_steps": len(steps), "run_wall_s": round(wall, 1),
-            "samples_per_s": len(steps) / seconds if steps else float("nan"),
-            "labelled_tokens_per_s": sum(r["tokens_per_s"] / r["samples_per_s"] for r in steps) / seconds,
+            "samples_per_s": sum(r["samples"] for r in steps) / seconds if steps else float("nan"),
+            "labelled_tokens_per_s": sum(r["tokens_per_s"] * t for r, t in zip(steps, step_seconds)) / seconds,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan"),
             "final_loss": steps[-1]["loss"] if steps else None}
 
@@ -190,6 +194,17 @@ def main() -> None:
             run_row("mllmkit + cache_features", fast + ["train.epochs=2", "train.cache_features=true"],
                     tmp / "cached", skip_steps=per_epoch),
         ]
+        packed = common + fast_model + ["train.micro_batch_size=1", "train.grad_accum=1", "data.packing=true",
+                                        f"data.max_tokens_per_batch={args.batch * 256}", "data.augment=false",
+                                        "train.epochs=1"]
+        rows.append(run_row("mllmkit packed", packed, tmp / "packed", skip_steps=2))
+        if not args.tiny:
+            try:
+                rows.append(run_row("mllmkit packed + liger", packed + ["train.fused_kernels=liger"], tmp / "liger",
+                                    skip_steps=2))
+            except Exception as exc:  # record and go on: the other rows stand
+                result["liger_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                print("liger row failed:", result["liger_error"])
     base = rows[0]["samples_per_s"]
     table = []
     for row in rows:
