@@ -14,6 +14,9 @@ key names, never by layer indices:
   (``…llm_proj.weight``/``bias``, e.g. ``visionpipe.llm_proj.*``) in whichever layer file holds it;
 - the seed's ``model.pth`` / LAVIS ``checkpoint_N.pth``.
 
+``--merge-lora`` (:func:`merge_lora_export`) folds a LoRA run's adapters into the base weights (peft) and
+writes an export of the merged parts' full weights whose recipe tunes them ``"full"`` (no adapters).
+
 Seed names go to this project's: ``llm_proj.*`` → ``bridges.<i>.proj.*`` of the ``linear`` bridge
 that outputs the LLM width. Only parameters the recipe trains are exported; the seed's full-LLM
 weights (Qwen v1 layout) are refused by name. The recipe comes from ``--recipe``, else from a
@@ -32,7 +35,7 @@ import torch
 from mllmkit.errors import UserError
 from mllmkit.weights import WeightsError
 
-__all__ = ["convert_checkpoint", "register_command"]
+__all__ = ["convert_checkpoint", "merge_lora_export", "register_command"]
 
 _SEED_PROJ = re.compile(r"(?:.*\.)?llm_proj\.(weight|bias)")
 _SEED_LLM = re.compile(r"(?:.*\.)?(llm_model\.|transformer\.|wtepipe\.|layer\.|final_layernorm\.|lm_head\.)")
@@ -52,14 +55,51 @@ def _find_recipe(ckpt: pathlib.Path, recipe: str | None) -> pathlib.Path:
 
 
 def _trainable_prefixes(loaded) -> list[str]:
-    def flag(component, default: bool) -> bool:
-        return bool(getattr(component.config, "trainable", default))
-
-    prefixes = ["vision."] if flag(loaded.vision, False) else []
-    prefixes += [f"bridges.{i}." for i, b in enumerate(loaded.bridges) if flag(b, True)]
-    if flag(loaded.llm, False):
+    prefixes = ["vision."] if loaded.vision.shared.trainable else []
+    prefixes += [f"bridges.{i}." for i, b in enumerate(loaded.bridges) if b.shared.trainable]
+    if loaded.llm.shared.trainable:
         prefixes.append("llm.")
     return prefixes
+
+
+def merge_lora_export(ckpt: str | pathlib.Path, out: str | pathlib.Path, recipe: str | None = None,
+                      overrides: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """``convert --merge-lora``: load the recipe's model with the checkpoint's adapters, fold them into the
+    base weights (peft), and write an export whose recipe fully tunes those parts (no adapters) and whose
+    ``trainable.safetensors`` holds their merged weights beside the other trained tensors."""
+    import tomli_w
+
+    from mllmkit.chat.loading import load_chat_model
+    from mllmkit.checkpoint_formats import EXPORT_WEIGHTS
+    from mllmkit.train.checkpoint import write_atomically
+    from mllmkit.tune.lora import merge_adapters
+
+    ckpt = pathlib.Path(ckpt)
+    recipe_path = _find_recipe(ckpt, recipe)
+    model, loaded = load_chat_model(recipe_path, checkpoint=ckpt, device="cpu", precision="fp32",
+                                    overrides=overrides)  # merged in fp32
+    merged = merge_adapters(model)
+    if not merged:
+        raise UserError(f"--merge-lora: {recipe_path} tunes no part with LoRA (tune = \"lora\"); nothing to merge")
+    prefixes = tuple(f"{p}." for p in {*merged, *(p.rstrip(".") for p in _trainable_prefixes(loaded))})
+    exported = {n: t.detach().contiguous() for n, t in model.state_dict().items() if n.startswith(prefixes)}
+    recipe_dict = loaded.to_dict()
+    for part in merged:
+        table = recipe_dict["model"]["bridges"][int(part.split(".")[1])] if part.startswith("bridges.") \
+            else recipe_dict["model"][part]
+        table.pop("lora", None)
+        table.update(tune="full", trainable=True)
+        if part == "llm":
+            table["quantize"] = "none"
+
+    def write(tmp: pathlib.Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(exported, str(tmp / EXPORT_WEIGHTS))
+        (tmp / "recipe.toml").write_text(tomli_w.dumps(recipe_dict))
+
+    write_atomically(pathlib.Path(out), write)
+    return {k: tuple(v.shape) for k, v in exported.items()}
 
 
 def convert_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, recipe: str | None = None,
@@ -128,7 +168,8 @@ def convert_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, recipe
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    shapes = convert_checkpoint(args.checkpoint, args.to, args.recipe, tuple(args.overrides))
+    convert = merge_lora_export if args.merge_lora else convert_checkpoint
+    shapes = convert(args.checkpoint, args.to, args.recipe, tuple(args.overrides))
     print(f"wrote {args.to}: {len(shapes)} tensor(s)")
     for name, shape in sorted(shapes.items()):
         print(f"  {name} {list(shape)}")
@@ -142,4 +183,6 @@ def register_command(sub: Any) -> None:
     parser.add_argument("--to", required=True, metavar="OUT", help="export folder to write")
     parser.add_argument("--recipe", metavar="RECIPE", help="the recipe it was trained with (default: found beside it)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="fold the LoRA adapters into the base weights: an export of merged weights, no adapters")
     parser.set_defaults(func=_cmd_convert)
