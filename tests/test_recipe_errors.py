@@ -69,7 +69,7 @@ BAD_RECIPES = [
     # the keys every part shares: one spelling each, the core's
     (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ndtype = "bf16"'), "model.llm.dtype",
      "unknown option; did you mean 'precision'? Allowed options here: hidden_size, num_layers, num_heads, "
-     "trainable, precision, gradient_checkpointing"),
+     "trainable, precision, tune, lora, gradient_checkpointing, quantize"),
     (GOOD.replace('type = "toy_vision"', 'type = "toy_vision"\ngrad_checkpointing = true'),
      "model.vision.grad_checkpointing", "unknown option; did you mean 'gradient_checkpointing'?"),
     (GOOD.replace('type = "linear"', 'type = "linear"\ntorch_dtype = "fp16"'), "model.bridges[0].torch_dtype",
@@ -84,6 +84,29 @@ BAD_RECIPES = [
     (GOOD + '\n[[data.train]]\ntype = "llava_conversations"\nannotations = "a.json"\nweight = -1.0\n',
      "data.train[0].weight", "expected a value >= 0, found -1.0"),
     (GOOD + '\n[parallel]\ntype = "single"\ndtype = "bf16"\n', "parallel.dtype", "unknown option."),
+    # the fine-tuning policy: tune (trainable is its on/off short form), the lora table, quantize
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ntune = "full"\ntrainable = false'), "model.llm.tune",
+     'is "full" but trainable = false; keep one of them (tune = "frozen" | "full" | "lora"; trainable = true/false '
+     'is the short form of "full"/"frozen")'),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ntune = "qlora"'), "model.llm.tune",
+     'expected one of "frozen", "full", "lora", found "qlora" (string)'),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\nfinetune = "lora"'), "model.llm.finetune",
+     "unknown option; did you mean 'tune'?"),
+    (GOOD + '\n[model.llm.lora]\nr = 8\n', "model.llm.lora",
+     'LoRA options, but tune = unset; set tune = "lora" or remove the lora table'),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ntune = "lora"\nlora = {r = 0}'), "model.llm.lora.r",
+     "expected a value > 0, found 0"),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ntune = "lora"\nlora = {dropout = 1.0}'),
+     "model.llm.lora.dropout", "expected a value in [0, 1), found 1.0"),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ntune = "lora"\nlora = {targets = []}'),
+     "model.llm.lora.targets", "expected a non-empty list of module-name patterns"),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\ntune = "lora"\nlora = {rank = 8}'), "model.llm.lora.rank",
+     "unknown option. Allowed options here: r, alpha, dropout, targets, bias"),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\nquantize = "nf4"'), "model.llm.quantize",
+     'a quantized LLM trains through adapters only; set tune = "lora" (found unset) or quantize = "none"'),
+    (GOOD.replace('type = "toy_llm"', 'type = "toy_llm"\nload_in_4bit = true'), "model.llm.load_in_4bit",
+     "unknown option; did you mean 'quantize'?"),
+    (GOOD + "\n[model]\ninit_from = 3\n", "model.init_from", "expected a path (string), found 3 (integer)"),
 ]
 
 
@@ -197,6 +220,6 @@ def test_a_component_config_may_not_declare_a_shared_key():
                                "core validates and applies for every bridge component; remove them (set different "
                                "defaults with ComponentSpec(defaults=...))")
     with pytest.raises(ValueError, match="defaults names weight; only the shared keys of a bridge component go there "
-                                         r"\(trainable, precision\)"):
+                                         r"\(trainable, precision, tune, lora\)"):
         Registry().add("bridge", attrs.evolve(spec, config=attrs.make_class("Empty", {}), defaults={"weight": 2.0}),
                        "my-plugin")
