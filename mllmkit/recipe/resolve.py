@@ -88,6 +88,8 @@ class Recipe:
                 value = getattr(component.config, field.name)
                 if isinstance(value, pathlib.Path) and not value.exists():
                     missing.append(f"{component.key}.{field.name}: not found: {value}")
+        if self.init_from is not None and not self.init_from.exists():
+            missing.append(f"model.init_from: not found: {self.init_from}")
         return missing
 
 
