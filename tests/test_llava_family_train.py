@@ -2,8 +2,8 @@
 random folder, converted to the Qwen2 modules Qwen2.5 loads into; its weights are large enough that
 the frozen LLM's output depends on its input, so a projector alone can lower the loss).
 
-Stage 1 trains the projector only, stage 2 starts from stage 1's exported projector and trains the
-LLM too, the way recipes/llava15_qwen25_7b_{pretrain,sft}.toml do; the loss falls in each stage.
+Stage 1 trains the projector only, stage 2 starts from stage 1's export (``[model] init_from``) and
+trains the LLM too, the way recipes/llava15_qwen25_7b_{pretrain,sft}.toml do; the loss falls in each stage.
 Batches mix image samples, a two-image sample and text-only samples.
 """
 
@@ -93,8 +93,7 @@ def test_two_stages_projector_then_llm(plugin_host, clip_folder, qwen_folder, tm
     assert _falls(first.losses), first.losses
 
     data = _recipe((clip_folder, qwen_folder), annotations, images, tmp_path / "stage2", lr=3e-3)
-    data["model"]["bridges"] = [{"type": "mlp", "weights": str(tmp_path / "stage1/export/trainable.safetensors"),
-                                 "prefix": "bridges.0.net."}]
+    data["model"]["init_from"] = str(tmp_path / "stage1/export")
     data["model"]["llm"]["trainable"] = True
     stage2 = load_recipe(data)
     model = assemble(stage2)
