@@ -19,7 +19,9 @@ replaced by ``--set``; the full-size files are not written). Rows, each one run,
 * mllmkit packed: ``data.packing`` (whole samples in one row of up to ``--batch`` × 256 tokens, no
   padding, positions restart per sample), micro-batch 1 row, otherwise as the mllmkit row;
 * mllmkit packed + liger (CUDA only): the same with ``train.fused_kernels=liger`` (its error is
-  recorded instead when liger-kernel cannot run).
+  recorded instead when liger-kernel cannot run);
+* mllmkit packed + liger + flex (CUDA only): the same with the LLM's ``attn_implementation =
+  "flex_attention"``: transformers builds a block-sparse document mask instead of SDPA's dense one.
 
 samples/s come from each run's own ``metrics.jsonl`` (``log_every = 1``), over the steps after the
 warm-up ones. Required FLOPs per sample: 4·N_llm_body·tokens + 4·N_head·labelled tokens + 3× the
@@ -154,6 +156,7 @@ def main() -> None:
     ap.add_argument("--seed-steps", type=int, default=4, help="optimizer steps (of 16 samples) of the seed row")
     ap.add_argument("--batch", type=int, default=16, help="mllmkit micro-batch (the step stays 16 samples when ≤ 16)")
     ap.add_argument("--workers", type=int, default=8, help="data.num_workers of every row")
+    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all), e.g. 'seed-faithful,mllmkit'")
     args = ap.parse_args()
     if args.tiny:
         args.samples, args.seed_steps, args.batch, args.workers = 64, 3, 8, 0
@@ -186,26 +189,36 @@ def main() -> None:
         per_epoch = args.samples // (args.batch * accum)
         fast = common + fast_model + [f"train.micro_batch_size={args.batch}", f"train.grad_accum={accum}",
                                       "data.group_by_length=true", "data.pad_to_multiple=64", "data.augment=false"]
-        rows = [
-            run_row("seed-faithful", common + model_overrides(args.tiny, eva, checkpointing=True) + [
-                "train.micro_batch_size=1", "train.grad_accum=16", "data.pad_to_multiple=256",
-                "train.loss_logits=all", f"train.max_steps={args.seed_steps}"], tmp / "seed", skip_steps=1),
-            run_row("mllmkit", fast + ["train.epochs=1"], tmp / "fast", skip_steps=2),
-            run_row("mllmkit + cache_features", fast + ["train.epochs=2", "train.cache_features=true"],
-                    tmp / "cached", skip_steps=per_epoch),
-        ]
         packed = common + fast_model + ["train.micro_batch_size=1", "train.grad_accum=1", "data.packing=true",
                                         f"data.max_tokens_per_batch={args.batch * 256}", "data.augment=false",
                                         "train.epochs=1"]
-        rows.append(run_row("mllmkit packed", packed, tmp / "packed", skip_steps=2))
+        planned = [
+            ("seed-faithful", common + model_overrides(args.tiny, eva, checkpointing=True) + [
+                "train.micro_batch_size=1", "train.grad_accum=16", "data.pad_to_multiple=256",
+                "train.loss_logits=all", f"train.max_steps={args.seed_steps}"], 1),
+            ("mllmkit", fast + ["train.epochs=1"], 2),
+            ("mllmkit + cache_features", fast + ["train.epochs=2", "train.cache_features=true"], per_epoch),
+            ("mllmkit packed", packed, 2),
+        ]
         if not args.tiny:
+            planned.append(("mllmkit packed + liger", packed + ["train.fused_kernels=liger"], 2))
+            planned.append(("mllmkit packed + liger + flex", packed + ["train.fused_kernels=liger",
+                                                                     "model.llm.attn_implementation=flex_attention"], 2))
+        if args.rows:
+            wanted = {name.strip() for name in args.rows.split(",")}
+            planned = [row for row in planned if row[0] in wanted]
+        rows, result["errors"] = [], {}
+        for name, overrides, skip in planned:  # a failing row is recorded with its traceback; the others stand
+            print(f"== {name}", flush=True)
             try:
-                rows.append(run_row("mllmkit packed + liger", packed + ["train.fused_kernels=liger"], tmp / "liger",
-                                    skip_steps=2))
-            except Exception as exc:  # record and go on: the other rows stand
-                result["liger_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-                print("liger row failed:", result["liger_error"])
-    base = rows[0]["samples_per_s"]
+                rows.append(run_row(name, overrides, tmp / name.replace(" ", "_").replace("+", ""), skip_steps=skip))
+                print(f"== {name}: {json.dumps(rows[-1])}", flush=True)
+            except Exception as exc:
+                import traceback
+
+                result["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
+                print(f"{name} failed: {result['errors'][name]}", flush=True)
+    base = rows[0]["samples_per_s"] if rows and rows[0]["row"] == "seed-faithful" else float("nan")
     table = []
     for row in rows:
         per_sample = costs["text_flops_per_sample"] + (0 if "cache" in row["row"] else costs["vision_flops_per_image"])

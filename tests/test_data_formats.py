@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mllmkit.assemble import build
-from mllmkit.data import Collator, EncodedDataset, SampleEncoder, SampleError, SkipReport
+from mllmkit.data import Collator, EncodedDataset, SampleEncoder, SampleError, SkipReport, load_micro_batches
 from mllmkit.errors import RecipeError
 from mllmkit.template import IMAGE_SPAN
 from mllmkit.testing.toy import ByteTokenizer, ToyTemplate
@@ -89,8 +89,10 @@ def test_on_error_fail_stops_with_file_and_index(plugin_host, minigpt4_files):
     annotations, images = minigpt4_files
     dataset = build("dataset", "minigpt4qwen_instruction", annotations=str(annotations), images=str(images))
     view = EncodedDataset([dataset], _encoder(), on_error="fail")
+    batches = load_micro_batches(view, [[(0, 0, 0)], [(0, 3, 0)], [(0, 1, 0)]], Collator(256), 0, seed=0)
+    assert next(batches).size == 1
     with pytest.raises(SampleError) as info:
-        view[(0, 3, 0)]
+        next(batches)
     assert str(info.value).startswith(f"{annotations} record 3: cannot read image {images / 'broken.png'}")
     assert info.value.cause == "unreadable_image"
 

@@ -10,9 +10,9 @@ Options (recipe table ``[model.llm]``, ``type = "qwen"``):
   7B/14B presets use that vocabulary too, with the special tokens at Qwen's real ids (for shape,
   speed and memory work only). ``qwen25_7b_instruct`` (Qwen2.5-7B-Instruct) only states the
   architecture beside ``path``, so recipes check before the download; it builds nothing by itself.
-- ``attn_implementation`` (``sdpa``; ``flash_attention_2`` when installed; ``eager``), ``device_map``
+- ``attn_implementation`` (``sdpa``; ``flash_attention_2`` when installed; ``flex_attention``: block-sparse per-sample masks for packed rows, CUDA only for training; ``eager``), ``device_map``
   (``"auto"`` shards over the visible GPUs with accelerate for inference; or one device such as
-  ``"cuda:0"``), ``system`` (default system prompt) and ``image_token`` (the image placeholder: ``<|extra_0|>`` for
+  ``"cuda:0"``; unset: the device the run places the model on, so weights go straight there), ``system`` (default system prompt) and ``image_token`` (the image placeholder: ``<|extra_0|>`` for
   v1 as MiniGPT4Qwen; Qwen2 has no ``<|extra_0|>``, so there it defaults to ``<|image_pad|>`` when the
   tokenizer has it and must be named otherwise).
 - the core's shared keys: ``precision`` (default bf16: the weights' dtype), ``trainable``,
@@ -89,7 +89,7 @@ class QwenConfig:
 
     path: pathlib.Path | None = None
     preset: Literal["qwen7b_chat", "qwen14b_chat", "qwen_tiny", "qwen25_7b_instruct"] | None = None
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
     device_map: str | None = None
     system: str = DEFAULT_SYSTEM
     image_token: str | None = None
@@ -183,7 +183,9 @@ def build_qwen(cfg: QwenConfig, ctx: BuildContext | None = None) -> HFCausalLM:
     _check_attn(cfg.attn_implementation)
     raw, source = _raw_config(cfg)
     dtype = ctx.dtype if ctx is not None and ctx.dtype is not None else torch.bfloat16
-    single_device = cfg.device_map if cfg.device_map not in (None, "auto") else "cpu"
+    # where the model will run (the backend's device): weights are created or read straight there
+    fallback = ctx.device if ctx is not None and ctx.device is not None else "cpu"
+    single_device = cfg.device_map if cfg.device_map not in (None, "auto") else fallback
     model_type = raw.get("model_type")
     if model_type == "qwen":
         if cfg.path is not None:
