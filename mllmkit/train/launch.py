@@ -131,7 +131,7 @@ def run_command(recipe: str, overrides: list[str], resume: str | None = None, np
         print(f"\nfinished {result.steps} steps; run folder: {result.run_dir}")
         if result.losses:
             print(f"  last training loss: {result.losses[-1]:.4f}")
-        if result.eval:
+        if result.eval and "eval_loss" in result.eval:  # the recipe's held-out set; benchmark tasks print their own
             line = f"  held-out: loss {result.eval['eval_loss']:.4f}, exact match {result.eval['eval_accuracy']:.1%} " \
                    f"of {result.eval['eval_questions']} questions"
             if "chance_accuracy" in result.eval:

@@ -124,6 +124,20 @@ def measure_pipeline_layers(model: nn.Module, layers: list[nn.Module], cfg: Pipe
     return seconds
 
 
+def refuse_unsupported(recipe) -> None:
+    """Raise a :class:`RecipeError` for training options the stages cannot honour, before any weight is read:
+    the stages carry (hidden, attention mask) and compute the head at labelled tokens from pixels."""
+    if recipe.data.packing:
+        raise RecipeError("data.packing", "the pipeline carries (hidden, attention mask) between stages, not the "
+                          "packed rows' position ids; set data.packing = false with parallel.type = 'pipeline'")
+    if recipe.train.cache_features:
+        raise RecipeError("train.cache_features", "the pipeline's first stage encodes the pixels itself; set "
+                          "cache_features = false with parallel.type = 'pipeline'")
+    if recipe.train.loss_logits != "labelled":
+        raise RecipeError("train.loss_logits", "the pipeline's last stage computes the head at labelled tokens only; "
+                          "set loss_logits = 'labelled' with parallel.type = 'pipeline'")
+
+
 class PipelineBackend(DeepSpeedBackend):
     """DeepSpeed pipeline parallel (torchrun or the deepspeed launcher): one process per stage at least."""
 
@@ -148,8 +162,15 @@ class PipelineBackend(DeepSpeedBackend):
         self.stage, dp_rank = divmod(self.global_rank, dp)  # DeepSpeed's pipe-data topology
         self.rank, self.world_size = dp_rank, dp
 
+    def state_shards(self) -> tuple[int, int, int]:
+        """Each stage holds about 1/num_stages of the trainable weights, gradients and AdamW state
+        (stages are cut by work, so this is the average); ZeRO-1 splits the state by the data-parallel ranks too."""
+        stages = self.cfg.num_stages
+        return stages, stages, stages * (self.world_size if self.cfg.zero_stage >= 1 else 1)
+
     def assemble(self, recipe):
         """Build the recipe's model; with ``meta_init`` every parameter starts on the meta device."""
+        refuse_unsupported(recipe)
         if not self.cfg.meta_init:
             return super().assemble(recipe)
         with meta_parameters():
@@ -255,10 +276,6 @@ class PipelineRunner:
         """
         items = []
         for b in micro_batches:
-            if b.position_ids is not None:
-                raise RecipeError("data.packing", "the pipeline carries (hidden, attention mask) between stages, not "
-                                  "the packed rows' position ids; set data.packing = false with parallel.type = "
-                                  "'pipeline'")
             pixels = b.pixels if b.pixels is not None else torch.zeros(0, 3, 1, 1)
             self.model.check_image_tokens(b.input_ids, pixels.shape[0])
             rows, targets = labelled_rows(b.labels)

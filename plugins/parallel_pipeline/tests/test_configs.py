@@ -58,3 +58,21 @@ def test_14b_recipe_values():
     assert (train.micro_batch_size, train.grad_accum, train.lr, tuple(train.betas), train.eps) == (1, 128, 1e-4,
                                                                                                    (0.9, 0.99), 1e-7)
     assert (parallel.num_stages, parallel.zero_stage, train.epochs, train.warmup_steps) == (2, 0, 20, 50)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.packing=true", "data.packing: the pipeline carries (hidden, attention mask) between stages, not the "
+                          "packed rows' position ids; set data.packing = false with parallel.type = 'pipeline'"),
+    ("train.cache_features=true", "train.cache_features: the pipeline's first stage encodes the pixels itself; "
+                                  "set cache_features = false with parallel.type = 'pipeline'"),
+    ("train.loss_logits=all", "train.loss_logits: the pipeline's last stage computes the head at labelled tokens "
+                              "only; set loss_logits = 'labelled' with parallel.type = 'pipeline'"),
+])
+def test_options_the_stages_cannot_honour_are_refused_before_the_model_is_built(tiny, override, message):
+    from mllmkit_parallel_pipeline.pipeline import PipelineBackend
+
+    extra = ["data.max_tokens_per_batch=512", "train.micro_batch_size=1"] if override == "data.packing=true" else []
+    recipe = load_recipe(tiny, ["parallel.type=pipeline", override, *extra])
+    with pytest.raises(RecipeError) as err:
+        PipelineBackend(recipe.parallel.config).assemble(recipe)
+    assert str(err.value).endswith(message)
