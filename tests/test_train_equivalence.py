@@ -130,3 +130,24 @@ def test_a_step_whose_every_sample_was_skipped_changes_nothing(plugin_host, toy_
         if param.requires_grad:
             assert torch.equal(param, before[name]), name
     assert "skipped" not in engine.train_step([collate(samples)])  # the next step trains as usual
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run_with_dropout(plugin_host, toy_recipe, tmp_path):
+    """A trained Q-Former with dropout 0.1: the resumed run draws the dropout masks of the uninterrupted
+    run (the DataLoader seeds its workers from its own generator, not the restored global one)."""
+    pytest.importorskip("mllmkit_bridge_qformer", reason="plugins/bridge_qformer is not installed")
+    from mllmkit.data.loader import loader_seed
+    from mllmkit.train.loop import train
+
+    data = _run_recipe(toy_recipe, tmp_path, save_every=3, keep_last=10).to_dict()
+    data["model"]["bridges"] = [{"type": "qformer_tiny", "dropout": 0.1, "init_std": 0.2, "trainable": True},
+                                {"type": "linear"}]
+    data["data"]["eval"] = []
+    recipe = load_recipe(data)
+    full = train(recipe, tmp_path / "full")
+    state = json.loads((tmp_path / "full/checkpoints/step_0000003/trainer_state.json").read_text())
+    assert state["loader_seed"] == loader_seed(recipe.train.seed, 0)  # stated in the checkpoint
+    resumed = train(recipe, tmp_path / "resumed", resume=str(tmp_path / "full/checkpoints/step_0000003"))
+    assert len(full.losses) == 8
+    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
