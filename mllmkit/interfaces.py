@@ -35,6 +35,7 @@ class BuildContext:
     them into (the recipe's ``precision``, fp32 where the part trains or runs on CPU; LLMs: every
     weight, vision encoders and bridges: Linear/Conv weights, the rest fp32) and ``device`` where the
     model will run; the core casts and freezes the built part itself (``None``: not known).
+    ``recipe`` is the loaded recipe where evaluation tasks are built.
     """
 
     key: str

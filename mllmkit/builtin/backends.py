@@ -79,17 +79,12 @@ class TorchRunner:
         return float(self.world_size)  # DDP averages gradients over ranks
 
     def forward_backward(self, window, autocast) -> None:
-        last = len(window.micro_batches) - 1
-        for i, batch in enumerate(window.micro_batches):
-            no_sync = getattr(self.module, "no_sync", None)
-            with no_sync() if no_sync is not None and i < last else contextlib.nullcontext():
-                if batch.size == 0:  # every sample skipped: still take part in the gradient sync
-                    share = sum(p.sum() * 0.0 for _, p in self.named_trainable)
-                else:
-                    with autocast():
-                        total, tokens = self.module(**batch.model_inputs(self.device))
-                    share = window.share(total, tokens)
-                share.backward()
+        no_sync = getattr(self.module, "no_sync", None)  # DDP: all-reduce at the last micro-batch only
+
+        def gradient_sync(is_last: bool):
+            return contextlib.nullcontext() if no_sync is None or is_last else no_sync()
+
+        window.backward(self.module, self.device, autocast, self.named_trainable, gradient_sync)
 
     def apply(self, clip: float, scaler) -> float:
         scaler.unscale_(self.optimizer)

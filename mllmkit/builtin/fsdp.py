@@ -17,6 +17,7 @@ collective), so a checkpoint written under ``fsdp`` loads under any backend and 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Callable
 from typing import Any, Literal
@@ -103,16 +104,11 @@ class FSDPRunner:
         return float(self.world_size)  # the reduce-scatter averages gradients over ranks
 
     def forward_backward(self, window, autocast) -> None:
-        last = len(window.micro_batches) - 1
-        for i, batch in enumerate(window.micro_batches):
-            self.module.set_requires_gradient_sync(i == last)
-            if batch.size == 0:  # every sample skipped: no loss, but the step's gradient collectives still run
-                share = sum(p.sum() * 0.0 for _, p in self.named_trainable)
-            else:
-                with autocast():
-                    total, tokens = self.module(**batch.model_inputs(self.device))
-                share = window.share(total, tokens)
-            share.backward()
+        def gradient_sync(is_last: bool):  # reduce-scatter at the last micro-batch only
+            self.module.set_requires_gradient_sync(is_last)
+            return contextlib.nullcontext()
+
+        window.backward(self.module, self.device, autocast, self.named_trainable, gradient_sync)
 
     def apply(self, clip: float, scaler) -> float:
         params = [p for _, p in self.named_trainable]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -64,6 +65,24 @@ class StepWindow:
     def loss(self, reduced_sums: torch.Tensor) -> float:
         """The step's true loss from the sums reduced over ranks."""
         return float(reduced_sums[0 if self.reduction == "token" else 1]) / self.denominator
+
+    def backward(self, module: Callable[..., tuple[torch.Tensor, Any]], device: torch.device, autocast,
+                 named_trainable: Sequence[tuple[str, torch.Tensor]],
+                 gradient_sync: Callable[[bool], AbstractContextManager]) -> None:
+        """Forward and backward of every micro-batch through ``module`` (``(total, tokens)`` out), each
+        inside ``gradient_sync(is_last)``, so the backend's collectives run once per step. A micro-batch
+        whose samples were all skipped still backpropagates a zero through every trainable weight, so
+        it takes part in the step's gradient collectives like the others."""
+        last = len(self.micro_batches) - 1
+        for i, batch in enumerate(self.micro_batches):
+            with gradient_sync(i == last):
+                if batch.size == 0:
+                    share = sum(p.sum() * 0.0 for _, p in named_trainable)
+                else:
+                    with autocast():
+                        total, tokens = module(**batch.model_inputs(device))
+                    share = self.share(total, tokens)
+                share.backward()
 
 
 def named_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
