@@ -295,3 +295,36 @@ def test_resume_with_another_recipes_checkpoint_exits_2(core_plugin_host, tmp_pa
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith(f"mllmkit: error: --resume {step}: does not fit this recipe's model: ")
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_failed_final_evaluation_keeps_the_export_and_resume_auto_does_not_repeat_it(core_plugin_host, tmp_path,
+                                                                                      capsys):
+    """The final evaluation fails (a best_metric no evaluation produces): the export is there all the same,
+    and ``--resume auto`` of the finished run reports it finished instead of failing the same way again."""
+    from mllmkit.cli import main
+
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(textwrap.dedent(RECIPE) + textwrap.dedent("""
+        eval_max_new_tokens = 1
+
+        [[data.eval]]
+        type = "demo_shapes"
+        split = "eval"
+        size = 2
+        image_size = 16
+
+        [eval]
+        best_metric = "eval_nothing"
+        """))
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--output-dir", str(run)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "mllmkit: error: eval.best_metric = 'eval_nothing' is not among the evaluation's metrics: ")
+    assert (run / "export/trainable.safetensors").is_file()
+    exported = (run / "export/trainable.safetensors").read_bytes()
+    assert main(["run", str(recipe), "--output-dir", str(run), "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert f"the run had finished at step 1; its final evaluation is not repeated (mllmkit eval {run / 'export'} " \
+           f"--task heldout evaluates the export)" in err
+    assert (run / "export/trainable.safetensors").read_bytes() == exported
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000001"]

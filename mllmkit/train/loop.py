@@ -160,6 +160,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                 print(f"resumed from {checkpoint} at step {engine.step}", file=sys.stderr)
         elif resume is not None and backend.is_main:
             print(f"--resume {resume}: no checkpoint in {run_dir}, starting from scratch", file=sys.stderr)
+        finished = checkpoint is not None and engine.step >= total_steps  # resumed after its last step
 
         metrics = MetricsWriter(run_dir, backend.is_main, settings.tensorboard, resume_step=engine.step)
         progress = _progress(backend.is_main, total_steps, engine.step)
@@ -222,8 +223,9 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                     save()
         progress.close()
 
-        # -- the end: final checkpoint, export, skip report, then evaluation (it cannot cost the export) --
-        final_state = save()
+        # -- the end: final checkpoint, export, skip report, then evaluation (it cannot cost the export); a run
+        #    resumed after its last step rewrites its export only, so a failed final evaluation is not repeated --
+        final_state = engine.state_dict() if finished else save()
         for report in backend.all_gather_object(skips):
             skips.merge([report])
         export_dir = None
@@ -233,7 +235,11 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
             skips.write_jsonl(run_dir / "skipped.jsonl")
             if skips.seen:
                 print(skips.summary(), file=sys.stderr)
-        if evaluator.enabled:
+        if finished and backend.is_main:
+            print(f"the run had finished at step {engine.step}" + (
+                f"; its final evaluation is not repeated (mllmkit eval {export_dir} {_task_options(recipe)} "
+                f"evaluates the export)" if evaluator.enabled else ""), file=sys.stderr)
+        if evaluator.enabled and not finished:
             record = evaluator(engine)
             metrics.write({"step": engine.step, **record})
             eval_result = record if eval_sets else None  # launch.py prints the held-out keys
@@ -245,6 +251,12 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         if progress is not None:
             progress.close()  # also when the run stops with an error: its message starts on a line of its own
         backend.shutdown()
+
+
+def _task_options(recipe: Recipe) -> str:
+    """The ``--task`` options of ``mllmkit eval`` that evaluate what the recipe's training evaluates."""
+    names = (["heldout"] if recipe.eval_data else []) + [c.type for c in recipe.eval_tasks]
+    return " ".join(f"--task {name}" for name in dict.fromkeys(names))
 
 
 def _length(dataset, index: int) -> int:
