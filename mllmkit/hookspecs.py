@@ -52,7 +52,8 @@ def mllmkit_register_exporters() -> list[ExportSpec]:
     """How model parts export to a transformers class: :class:`~mllmkit.export.ExportSpec` per component name.
 
     Each spec names the component it exports, the target slot it fills (``vision_model``, ``qformer``,
-    ``language_projection``, ``language_model`` of ``Blip2ForConditionalGeneration``), its key tables
+    ``language_projection``, ``language_model`` of ``Blip2ForConditionalGeneration``; ``vision_tower``,
+    ``multi_modal_projector``, ``language_model`` of ``LlavaForConditionalGeneration``), its key tables
     both ways and the config fields it sets; LLM specs add the tokenizer, chat template and restore.
     """
 

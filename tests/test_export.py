@@ -16,8 +16,9 @@ from mllmkit.export.tokenizers import CORPUS
 from mllmkit.registry import DuplicateComponentError
 from mllmkit.template import IMAGE_SPAN, encode_pieces
 
-SUPPORTED = ("supported compositions (Blip2ForConditionalGeneration): eva_tiny | eva_vit_g → qformer | qformer_tiny "
-             "→ linear → baichuan2 | baichuan2_tiny | qwen")
+SUPPORTED = ("supported compositions: Blip2ForConditionalGeneration: eva_tiny | eva_vit_g → qformer | qformer_tiny "
+             "→ linear → baichuan2 | baichuan2_tiny | qwen; LlavaForConditionalGeneration: clip_tiny | "
+             "clip_vit_l14_336 | siglip_so400m_p14_384 | siglip_tiny → mlp → baichuan2 | baichuan2_tiny | qwen")
 
 
 def _tiny_recipe(**bridge) -> dict:
@@ -83,8 +84,9 @@ def test_unsupported_composition_lists_the_supported_ones(plugin_host, tmp_path,
     path.write_text(tomli_w.dumps(recipe))
     assert main(["export", str(path), "--to", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"mllmkit: error: model.bridges[1]: 'mlp' has no Blip2ForConditionalGeneration export (the model "
-                   f"is eva_tiny → qformer_tiny → mlp → qwen); {SUPPORTED}\n")
+    assert err == ("mllmkit: error: the model eva_tiny → qformer_tiny → mlp → qwen fills the slots vision_model → "
+                   "qformer → multi_modal_projector → language_model, which no transformers class takes; "
+                   f"{SUPPORTED}\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -98,15 +100,15 @@ def test_a_plugin_registers_an_exporter_and_duplicates_are_refused(tmp_path):
 
         @staticmethod
         def mllmkit_register_exporters() -> list[ExportSpec]:
-            return [ExportSpec("mlp", "bridge", "language_projection", "test", keys=LINEAR_TO_BLIP2,
+            return [ExportSpec("mlp_test", "bridge", "language_projection", "test", keys=LINEAR_TO_BLIP2,
                                reverse=BLIP2_TO_LINEAR, config=linear_config)]
 
     from mllmkit.hookspecs import hookimpl
 
     hookimpl(MLPExport.mllmkit_register_exporters)
     host = build_plugin_host(extra_plugins=[("test-mlp", MLPExport())])
-    assert "linear | mlp" in supported_compositions(host.registry)
-    assert host.registry.get("export", "mlp").distribution == "test-mlp"
+    assert "linear | mlp_test" in supported_compositions(host.registry)
+    assert host.registry.get("export", "mlp_test").distribution == "test-mlp"
 
     class Duplicate:
         @staticmethod

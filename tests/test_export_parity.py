@@ -46,26 +46,9 @@ def _qwen_v1(tmp_path):
 
 
 def _qwen2(tmp_path):
-    from mllmkit_llm_qwen.tokenizer import QWEN_PATTERN, tiny_ranks
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from mllmkit_llm_qwen.tiny_folders import write_qwen2_folder
 
-    from mllmkit.export.tokenizers import tiktoken_tokenizer
-
-    ranks = tiny_ranks()
-    specials = {name: len(ranks) + i for i, name in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                                                "<|image_pad|>"])}
-    folder = tmp_path / "Qwen2.5-tiny"
-    config = Qwen2Config(vocab_size=608, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-    tiktoken_tokenizer(ranks, QWEN_PATTERN, specials, nfc=True).save(str(folder / "tokenizer.json"))
-    return {"type": "qwen", "path": str(folder)}
+    return {"type": "qwen", "path": str(write_qwen2_folder(tmp_path / "Qwen2.5-tiny"))}
 
 
 def _baichuan(tmp_path):

@@ -1,8 +1,10 @@
 """Export to a standard transformers class, with parity verified, and back.
 
-``mllmkit export RECIPE --checkpoint CKPT --to DIR [--verify]`` writes a folder that
-``transformers.Blip2ForConditionalGeneration.from_pretrained`` loads without remote code; the mapping
-of each part is declared by its plugin (hook ``mllmkit_register_exporters``, :class:`ExportSpec`).
+``mllmkit export RECIPE --checkpoint CKPT --to DIR [--verify]`` writes a folder that transformers
+loads without remote code with the class the model's parts fit (:mod:`mllmkit.export.targets`:
+``Blip2ForConditionalGeneration`` for EVA → Q-Former → Linear → LLM, ``LlavaForConditionalGeneration``
+for CLIP/SigLIP → MLP → LLM); the mapping of each part is declared by its plugin (hook
+``mllmkit_register_exporters``, :class:`ExportSpec`).
 :func:`load_export` reads such a folder back into an mllmkit model; :func:`verify_export` measures
 parity with transformers.
 """

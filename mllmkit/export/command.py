@@ -13,7 +13,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result = export_model(args.recipe, args.checkpoint, args.to, overrides=tuple(args.overrides), dtype=args.dtype,
                           max_shard_size=args.max_shard_size, verify=args.verify, verify_device=args.verify_device)
-    print(f"wrote {result['folder']}: Blip2ForConditionalGeneration (load it with transformers, no remote code)")
+    print(f"wrote {result['folder']}: {result['target']} (load it with transformers, no remote code)")
     for note in result["notes"]:
         print(f"  note: {note}")
     if result["verify"] is not None:
@@ -23,8 +23,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def register_command(sub: Any) -> None:
-    parser = sub.add_parser("export", help="write a trained model as a transformers Blip2ForConditionalGeneration "
-                                           "folder (tokenizer, chat template, processor), optionally parity-checked")
+    parser = sub.add_parser("export", help="write a trained model as a transformers folder "
+                                           "(Blip2ForConditionalGeneration or LlavaForConditionalGeneration, chosen "
+                                           "by its parts; tokenizer, chat template, processor), optionally "
+                                           "parity-checked")
     parser.add_argument("recipe", help="the recipe the model was trained with (or an mllmkit export folder)")
     parser.add_argument("--checkpoint", metavar="CKPT", help="trained weights (any layout mllmkit chat loads)")
     parser.add_argument("--to", required=True, metavar="DIR", help="folder to write")

@@ -1,8 +1,9 @@
 """From an assembled MLLM to the target's config and state dict, through the plugins' export specs.
 
-:func:`export_specs` finds the spec of every part (vision, bridges, LLM) in the registry's ``export``
-kind and checks the chain fills the target's slots in order (vision_model → qformer →
-language_projection → language_model); anything else is an :class:`ExportError` listing the
+:func:`plan_export` finds the spec of every part (vision, bridges, LLM) in the registry's ``export``
+kind and picks the target whose slots those specs fill, in order (Blip2: vision_model → qformer →
+language_projection → language_model; Llava: vision_tower → multi_modal_projector →
+language_model); anything else is an :class:`ExportError` naming the parts and listing the
 compositions the installed plugins support. :func:`compose` applies each part's key table and
 merges the config fields; two parts setting one field to different values is recorded as a note
 (the first part's value is kept) so the exporter can print it and verify can measure it.
@@ -16,78 +17,93 @@ from typing import Any
 import attrs
 import torch
 
-from mllmkit.export.spec import ROLES, TARGET, ExportError, ExportSpec
+from mllmkit.export.spec import ExportError, ExportSpec
+from mllmkit.export.targets import TARGETS, ExportTarget
 
-__all__ = ["Composed", "compose", "export_specs", "supported_compositions"]
+__all__ = ["Composed", "Plan", "compose", "plan_export", "supported_compositions"]
+
+
+@attrs.frozen
+class Plan:
+    """The target of a model and the export spec of each of its parts, in chain order."""
+
+    target: ExportTarget
+    specs: list[ExportSpec]
 
 
 @attrs.frozen
 class Composed:
-    """The target's ``Blip2Config`` keyword arguments, its tensors by name, and notes on inexact details."""
+    """The target's config keyword arguments, its tensors by name, and notes on inexact details."""
 
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     notes: list[str]
+    target: ExportTarget
     specs: list[ExportSpec]
 
 
 def supported_compositions(registry) -> str:
-    """The chains the registered export specs make, e.g. ``eva_tiny | eva_vit_g → qformer | … → qwen``."""
-    by_role = {role: sorted(s.name for s in registry.specs("export") if s.role == role) for role in ROLES}
-    return " → ".join(" | ".join(names) or "(none)" for names in by_role.values())
+    """The chains the registered export specs make per target, e.g.
+    ``Blip2ForConditionalGeneration: eva_tiny | eva_vit_g → qformer | … → qwen; LlavaForConditionalGeneration: …``."""
+    specs = registry.specs("export")
+    chains = []
+    for target in TARGETS:
+        by_role = [" | ".join(sorted(s.name for s in specs if s.role == role)) or "(none)" for role in target.roles]
+        chains.append(f"{target.name}: {' → '.join(by_role)}")
+    return "; ".join(chains)
 
 
-def export_specs(recipe, registry) -> list[ExportSpec]:
-    """The export spec of each model part of ``recipe``, in chain order (checked against the slots)."""
+def plan_export(recipe, registry) -> Plan:
+    """The target and the export spec of each model part of ``recipe`` (checked against the slots)."""
     parts = [("vision", recipe.vision), *(("bridge", b) for b in recipe.bridges), ("llm", recipe.llm)]
     names = {s.name: s for s in registry.specs("export")}
-    supported = f"supported compositions ({TARGET}): {supported_compositions(registry)}"
+    supported = f"supported compositions: {supported_compositions(registry)}"
     chain = " → ".join(component.type for _, component in parts)
     found = []
     for kind, component in parts:
         spec = names.get(component.type)
         if spec is None or spec.kind != kind:
-            raise ExportError(f"{component.key}: {component.type!r} has no {TARGET} export (the model is {chain}); "
-                              f"{supported}")
+            raise ExportError(f"{component.key}: {component.type!r} has no export to a transformers class (the model "
+                              f"is {chain}); {supported}")
         found.append(spec)
-    if [spec.role for spec in found] != list(ROLES):
-        raise ExportError(f"the model {chain} fills the slots {' → '.join(s.role for s in found)}, but {TARGET} "
-                          f"needs {' → '.join(ROLES)}; {supported}")
-    return found
+    roles = tuple(spec.role for spec in found)
+    target = next((t for t in TARGETS if t.roles == roles), None)
+    if target is None:
+        raise ExportError(f"the model {chain} fills the slots {' → '.join(roles)}, which no transformers class "
+                          f"takes; {supported}")
+    return Plan(target=target, specs=found)
 
 
 def _merge(config: dict[str, Any], fields: Mapping[str, Any], where: str, owner: dict[str, str],
-           notes: list[str], prefix: str = "") -> None:
+           notes: list[str], target: str, prefix: str = "") -> None:
     for key, value in fields.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            _merge(config.setdefault(key, {}), value, where, owner, notes, prefix=f"{path}.")
+            _merge(config.setdefault(key, {}), value, where, owner, notes, target, prefix=f"{path}.")
         elif key not in config:
             config[key], owner[path] = value, where
         elif config[key] != value:
-            notes.append(f"{path}: {owner[path]} uses {config[key]!r} and {where} uses {value!r}; {TARGET} has one "
+            notes.append(f"{path}: {owner[path]} uses {config[key]!r} and {where} uses {value!r}; {target} has one "
                          f"value, {config[key]!r} is kept (not exactly representable: {where} computes with "
                          f"{config[key]!r} in the export)")
 
 
 def compose(model, recipe, registry) -> Composed:
-    """Config and tensors of ``Blip2ForConditionalGeneration`` for the assembled ``model``."""
-    specs = export_specs(recipe, registry)
+    """Config and tensors of the target class for the assembled ``model``."""
+    plan = plan_export(recipe, registry)
     components = [recipe.vision, *recipe.bridges, recipe.llm]
     parts = [part for _, part in model.parts()]
     config: dict[str, Any] = {}
     owner: dict[str, str] = {}
     notes: list[str] = []
     tensors: dict[str, torch.Tensor] = {}
-    for spec, component, part in zip(specs, components, parts):
+    for spec, component, part in zip(plan.specs, components, parts):
         where = f"{component.key} ({component.type})"
-        _merge(config, spec.config(part), where, owner, notes)
-        for name, value in spec.keys.apply(part.state_dict(), where).items():
+        _merge(config, spec.config(part), where, owner, notes, plan.target.name)
+        for name, value in plan.target.to_target(spec, part.state_dict(), where).items():
             if name in tensors:
                 raise ExportError(f"{where}: {name} is also exported by another part")
             tensors[name] = value
     config["image_token_index"] = model.llm.template.image_token_id
-    if config.get("num_query_tokens") != model.tokens_per_image:
-        raise ExportError(f"the model puts {model.tokens_per_image} image tokens per image, but its Q-Former "
-                          f"exports num_query_tokens = {config.get('num_query_tokens')}")
-    return Composed(config=config, tensors=tensors, notes=notes, specs=specs)
+    plan.target.finish(config, model)
+    return Composed(config=config, tensors=tensors, notes=notes, target=plan.target, specs=plan.specs)

@@ -4,7 +4,8 @@ Message content is a string or a list of parts (``{"type": "text", "text": …}`
 "image"}``). Each :data:`~mllmkit.template.IMAGE_MARKER` in text, and each image part (written as
 :data:`~mllmkit.template.IMAGE_SPAN`, as the chat session writes an image into a question), becomes
 ``tokens_per_image`` copies of the image placeholder token: the same ids the training template
-produces, so ``Blip2ForConditionalGeneration`` scatters the query outputs into the same places.
+produces, so the target scatters the image features into the same places (a target whose processor
+expands each placeholder itself, as ``LlavaProcessor`` does, asks for one copy per image).
 """
 
 from __future__ import annotations

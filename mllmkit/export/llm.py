@@ -1,8 +1,9 @@
 """Shared pieces of LLM export specs for transformers causal LMs wrapped in :class:`~mllmkit.hf_llm.HFCausalLM`.
 
-The wrapper keeps the transformers model as ``hf_model``, so its names map onto Blip2's
-``language_model.`` by one prefix rule each way; the text config is the model's own config with the
-template's stop and pad ids, so ``Blip2ForConditionalGeneration.generate`` stops where chat stops.
+The wrapper keeps the transformers model as ``hf_model``, so its names become the ``*ForCausalLM``
+names by one prefix rule each way (each target places those, :mod:`mllmkit.export.targets`); the
+text config is the model's own config with the template's stop and pad ids, so the target's
+``generate`` stops where chat stops.
 """
 
 from __future__ import annotations
@@ -11,20 +12,18 @@ from typing import Any
 
 import torch
 
-from mllmkit.export.spec import Table
+from mllmkit.export.spec import Table, hf_config_fields
 
 __all__ = ["CAUSAL_LM_KEYS", "CAUSAL_LM_REVERSE", "causal_lm_config", "meta_causal_lm"]
 
-CAUSAL_LM_KEYS = Table(rules=[(r"hf_model\.(.+)", r"language_model.\1")])
-CAUSAL_LM_REVERSE = Table(rules=[(r"language_model\.(.+)", r"hf_model.\1")])
+CAUSAL_LM_KEYS = Table(rules=[(r"hf_model\.(.+)", r"\1")])
+CAUSAL_LM_REVERSE = Table(rules=[(r"(.+)", r"hf_model.\1")])
 
 
 def causal_lm_config(llm: Any) -> dict[str, Any]:
     """``text_config``: the wrapped model's config, eos = the template's stop ids, its pad id, no bos."""
-    config = llm.hf_model.config.to_dict()
+    config = hf_config_fields(llm.hf_model.config)
     config.update(eos_token_id=list(llm.template.stop_token_ids), pad_token_id=llm.template.pad_token_id)
-    for key in ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"):
-        config.pop(key, None)
     return {"text_config": config}
 
 

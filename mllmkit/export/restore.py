@@ -53,10 +53,8 @@ def _load(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str
 
 def load_export(folder: str | pathlib.Path, *, device: str | None = None, precision: str | None = None):
     """The MLLM of an exported folder, placed on ``device`` (``precision`` as ``mllmkit chat`` takes it)."""
-    from transformers import Blip2Config
-
     from mllmkit.chat.loading import place_model
-    from mllmkit.export.compose import export_specs
+    from mllmkit.export.compose import plan_export
     from mllmkit.hf_llm import finish_meta_load
     from mllmkit.interfaces import BuildContext
     from mllmkit.model import MLLM
@@ -65,17 +63,19 @@ def load_export(folder: str | pathlib.Path, *, device: str | None = None, precis
 
     folder = pathlib.Path(folder)
     recipe = export_recipe(folder)
-    specs = export_specs(recipe, get_plugin_host().registry)
-    config = Blip2Config.from_pretrained(folder)
+    plan = plan_export(recipe, get_plugin_host().registry)
+    target, specs = plan.target, plan.specs
+    config = target.config_type().from_pretrained(folder)
     stored: dict[str, torch.Tensor] = {}
     for shard in iter_tensors(checkpoint_files(folder)):
         stored.update(shard)
-    claimed = [{k: v for k, v in stored.items() if spec.reverse.matches(k)} for spec in specs]
+    claimed = [{k: v for k, v in stored.items() if target.reads(spec, k)} for spec in specs]
     unclaimed = sorted(set(stored) - {k for part in claimed for k in part})
     if unclaimed:
         raise ExportError(f"{folder}: tensors no part of {RECIPE} reads: {', '.join(unclaimed[:10])}")
     components = [recipe.vision, *recipe.bridges, recipe.llm]
-    tensors = [spec.reverse.apply(part, f"{folder} ({c.key})") for spec, part, c in zip(specs, claimed, components)]
+    tensors = [target.from_target(spec, part, f"{folder} ({c.key})")
+               for spec, part, c in zip(specs, claimed, components)]
 
     llm_dtype = next(iter(claimed[-1].values())).dtype
     llm = specs[-1].llm.restore(folder, config.text_config, recipe.llm.config, config.image_token_index, llm_dtype)

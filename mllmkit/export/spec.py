@@ -1,9 +1,10 @@
 """What a plugin declares to export its part: :class:`ExportSpec` and the key :class:`Table` type.
 
-An export spec says, for one registered component (``eva_vit_g``, ``qformer``, ``linear``, ``qwen``…),
-which slot of the transformers target class its part fills (``role``), how its parameter names
-become the target's (``keys``) and back (``reverse``), and which config fields it sets
-(``config``). LLM parts add an :class:`LLMExport`: the Hugging Face tokenizer, the Jinja chat
+An export spec says, for one registered component (``eva_vit_g``, ``qformer``, ``linear``, ``clip_tiny``,
+``mlp``, ``qwen``…), which slot of a transformers target class its part fills (``role``; the targets
+are :data:`mllmkit.export.targets.TARGETS`), how its parameter names become the target's (``keys``;
+an LLM's become its ``*ForCausalLM`` names, which each target places) and back (``reverse``), and
+which config fields it sets (``config``). LLM parts add an :class:`LLMExport`: the Hugging Face tokenizer, the Jinja chat
 template, and how to rebuild the mllmkit LLM from an exported folder. Tables are pure: a function of
 the tensors alone, so they are tested both ways on tiny random weights.
 """
@@ -18,13 +19,7 @@ import attrs
 
 from mllmkit.errors import UserError
 
-__all__ = ["ExportError", "ExportSpec", "LLMExport", "Table", "ROLES", "TARGET"]
-
-TARGET = "Blip2ForConditionalGeneration"
-"""The one transformers class exports map onto today."""
-
-ROLES: tuple[str, ...] = ("vision_model", "qformer", "language_projection", "language_model")
-"""The slots of :data:`TARGET`, in chain order: vision encoder, Q-Former, projection, LLM."""
+__all__ = ["ExportError", "ExportSpec", "LLMExport", "Table", "hf_config_fields"]
 
 Rule = tuple[str, "str | Callable[[re.Match, Mapping[str, Any]], list[tuple[str, Any]]]"]
 
@@ -90,7 +85,7 @@ class ExportSpec:
     """How one registered component exports: its slot, key tables both ways and config fields.
 
     ``name``/``kind``: the component it exports (``eva_vit_g``, ``vision``). ``config(part)`` returns
-    keyword arguments of ``Blip2Config`` (e.g. ``{"vision_config": {...}}``) read from the built part.
+    keyword arguments of the target's config (e.g. ``{"vision_config": {...}}``) read from the built part.
     ``keys`` maps the part's ``state_dict()`` names to the target's; ``reverse`` maps them back.
     ``image_processor(part)`` (vision parts) returns the transformers image processor doing the
     part's eval transform. ``distribution`` is filled in by the registry.
@@ -108,5 +103,16 @@ class ExportSpec:
     distribution: str = ""
 
     def __attrs_post_init__(self) -> None:
+        from mllmkit.export.targets import ROLES
+
         if self.role not in ROLES:
-            raise ValueError(f"export spec {self.name!r}: role must be one of {', '.join(ROLES)}, found {self.role!r}")
+            raise ValueError(f"export spec {self.name!r}: role must be one of {', '.join(sorted(ROLES))}, "
+                             f"found {self.role!r}")
+
+
+def hf_config_fields(config: Any) -> dict[str, Any]:
+    """A transformers config as keyword arguments of a sub-config, without the fields saving adds."""
+    fields = config.to_dict()
+    for key in ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"):
+        fields.pop(key, None)
+    return fields

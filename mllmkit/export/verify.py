@@ -1,13 +1,15 @@
 """Parity of an exported folder with the mllmkit model it came from, measured with transformers.
 
-:func:`verify_export` loads the folder with ``Blip2ForConditionalGeneration`` and ``AutoProcessor``
-(no remote code) and compares, on sample prompts with images: the prompt ids (the processor's chat
+:func:`verify_export` loads the folder with the target class its manifest names
+(``Blip2ForConditionalGeneration``, ``LlavaForConditionalGeneration``) and ``AutoProcessor`` (no
+remote code) and compares, on sample prompts with images: the prompt ids (the processor's chat
 template + tokenizer against the project's template), the tokenizer on :data:`CORPUS` (special-token
 strings as text on both sides), the pixels, the logits at every position, and 32 greedy tokens
 (no stop tokens, so all 32 are compared). The processor is loaded with ``backend="pil"``: its
-resize is then the encoder transform's exactly (the default torchvision backend differs by ~1e-2). In fp32 the logits must agree to 1e-4 (max abs); in
-bf16/fp16 they are reported only. Ids and greedy tokens must be identical in every dtype checked
-against a threshold.
+resize is then the encoder transform's exactly (the default torchvision backend differs by ~1e-2);
+the sample pictures are not square, so a pad-to-square or crop step is compared too. In fp32 the
+logits must agree to 1e-4 (max abs); in bf16/fp16 they are reported only. Ids and greedy tokens must
+be identical in every dtype checked against a threshold.
 """
 
 from __future__ import annotations
@@ -107,21 +109,25 @@ def verify_export(folder: str | pathlib.Path, model, *, device: str = "cpu", dty
     """Compare the export in ``folder`` with ``model`` (an MLLM holding the exported weights)."""
     import json
 
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration, GenerationConfig
+    from transformers import AutoProcessor, GenerationConfig
 
+    from mllmkit.export.targets import target_named
+    from mllmkit.export.write import MANIFEST
     from mllmkit.generation import generate
 
     folder = pathlib.Path(folder)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     report = Report(dtype=str(dtype).removeprefix("torch."), device=device)
-    hf = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    target = target_named(json.loads((folder / MANIFEST).read_text())["target"])
+    hf = target.model_class().from_pretrained(folder, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(folder, backend="pil")  # PIL resize, as the encoder transform
     model.to(device=device, dtype=dtype).eval()
     llm, template, tokenizer = model.llm, model.llm.template, model.llm.tokenizer
 
     stops = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
-    for config in (hf.generation_config, hf.language_model.generation_config):
-        config.eos_token_id = None  # generate fills an unset eos from these: no stops, all 32 tokens compared
+    for module in hf.modules():  # generate fills an unset eos from these: no stops, all 32 tokens compared
+        if getattr(module, "generation_config", None) is not None:
+            module.generation_config.eos_token_id = None
     report.stop_ids_equal = list(stops if isinstance(stops, list) else [stops]) == list(template.stop_token_ids)
     for text in CORPUS:
         ids = processor.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -1,7 +1,8 @@
 """``export_model``: a trained model (recipe + checkpoint) → a folder plain transformers loads.
 
-The folder holds ``config.json`` (``Blip2Config``), safetensors shards with their index (written by
-``huggingface_hub.save_torch_state_dict``, as ``save_pretrained`` does), ``generation_config.json``
+The folder holds ``config.json`` (the target's config: ``Blip2Config``, ``LlavaConfig``), safetensors
+shards with their index (written by ``huggingface_hub.save_torch_state_dict``, as ``save_pretrained``
+does), ``generation_config.json``
 with the chat template's stop ids, the processor (image processor, fast tokenizer with the special
 tokens at the project's ids, Jinja chat template), ``mllmkit_recipe.toml`` (the resolved recipe
 without weight paths, for :func:`mllmkit.export.load_export`) and ``mllmkit_manifest.json`` (sha256
@@ -20,7 +21,7 @@ import torch
 
 from mllmkit.errors import UserError
 from mllmkit.export.compose import Composed, compose
-from mllmkit.export.spec import TARGET, ExportError
+from mllmkit.export.spec import ExportError
 
 __all__ = ["DTYPES", "MANIFEST", "RECIPE", "ExportResult", "export_model", "file_digests", "write_export"]
 
@@ -30,7 +31,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ExportResult(dict):
-    """What was written: ``folder``, ``notes``, ``verify`` (a :class:`~mllmkit.export.verify.Report` or None)."""
+    """What was written: ``folder``, ``target`` (the class name), ``notes``, ``verify`` (a
+    :class:`~mllmkit.export.verify.Report` or None)."""
 
 
 def file_digests(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
@@ -66,8 +68,8 @@ def _recipe_without_weights(recipe) -> dict[str, Any]:
 
 
 def _hf_processor(model, composed: Composed):
-    """The Blip2 processor: the vision part's image processor, the LLM's fast tokenizer and chat template."""
-    from transformers import Blip2Processor, PreTrainedTokenizerFast
+    """The target's processor: the vision part's image processor, the LLM's fast tokenizer and chat template."""
+    from transformers import PreTrainedTokenizerFast
 
     vision_spec, llm_spec = composed.specs[0], composed.specs[-1]
     llm, template = model.llm, model.llm.template
@@ -76,15 +78,13 @@ def _hf_processor(model, composed: Composed):
     if image_token is None or tokenizer.encode(image_token, add_special_tokens=False).ids != [template.image_token_id]:
         raise ExportError(f"the image placeholder id {template.image_token_id} is not a special token of the exported "
                           f"tokenizer, so the rendered prompt would not tokenize to it")
-    chat_template = llm_spec.llm.chat_template(llm, image_token, model.tokens_per_image)
+    chat_template = llm_spec.llm.chat_template(llm, image_token,
+                                               composed.target.template_image_tokens(model.tokens_per_image))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=tokenizer.id_to_token(template.stop_token_ids[0]),
         pad_token=tokenizer.id_to_token(template.pad_token_id), extra_special_tokens={"image_token": image_token},
         chat_template=chat_template, model_max_length=getattr(llm, "max_positions", None) or 1 << 30)
-    processor = Blip2Processor(image_processor=vision_spec.image_processor(model.vision), tokenizer=fast,
-                               num_query_tokens=None)
-    processor.chat_template = chat_template  # Blip2Processor's __init__ does not pass it on
-    return processor
+    return composed.target.processor(composed.config, vision_spec.image_processor(model.vision), fast, chat_template)
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,20 +95,17 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _check_keys(config, tensors: dict[str, torch.Tensor]) -> None:
+def _check_keys(target, config, tensors: dict[str, torch.Tensor]) -> None:
     """The tensors are exactly the target's state dict (a tied head may be left out)."""
-    from transformers import Blip2ForConditionalGeneration
-
     with torch.device("meta"):
-        target = Blip2ForConditionalGeneration(config)
-    expected = target.state_dict()
-    tied = {"language_model.lm_head.weight"} if config.text_config.tie_word_embeddings else set()
+        expected = target.model_class()(config).state_dict()
+    tied = {target.head} if config.text_config.tie_word_embeddings else set()
     missing = sorted(set(expected) - set(tensors) - tied)
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{k} {list(tensors[k].shape)} vs {list(expected[k].shape)}" for k in tensors
              if k in expected and tensors[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        raise ExportError(f"the export specs do not produce {TARGET}'s state dict: missing {missing[:8]}, "
+        raise ExportError(f"the export specs do not produce {target.name}'s state dict: missing {missing[:8]}, "
                           f"unexpected {unexpected[:8]}, shapes {wrong[:8]}")
 
 
@@ -117,15 +114,16 @@ def write_export(model, recipe, folder: pathlib.Path, composed: Composed, dtype:
     """Write every file of the export into ``folder`` (an existing, empty folder); manifest last."""
     import tomli_w
     from huggingface_hub import save_torch_state_dict
-    from transformers import Blip2Config, GenerationConfig
+    from transformers import GenerationConfig
 
-    config = Blip2Config(**composed.config)
+    target = composed.target
+    config = target.config_type()(**composed.config)
     config.dtype = dtype
     tensors = {k: _own_storage(v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
                for k, v in composed.tensors.items()}
     if config.text_config.tie_word_embeddings:
-        tensors.pop("language_model.lm_head.weight", None)
-    _check_keys(config, tensors)
+        tensors.pop(target.head, None)
+    _check_keys(target, config, tensors)
     config.save_pretrained(folder)
     save_torch_state_dict(tensors, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
     template = model.llm.template
@@ -133,7 +131,7 @@ def write_export(model, recipe, folder: pathlib.Path, composed: Composed, dtype:
                      bos_token_id=None).save_pretrained(folder)
     _hf_processor(model, composed).save_pretrained(folder)
     (folder / RECIPE).write_text(tomli_w.dumps(_recipe_without_weights(recipe)))
-    write_manifest(folder, {"target": TARGET, "dtype": str(dtype).removeprefix("torch."), "notes": composed.notes,
+    write_manifest(folder, {"target": target.name, "dtype": str(dtype).removeprefix("torch."), "notes": composed.notes,
                             "source": source or {}})
 
 
@@ -156,7 +154,7 @@ def export_model(recipe: Any, checkpoint: str | pathlib.Path | None, out: str | 
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, found {name!r}")
     composed = compose(model, loaded, get_plugin_host().registry)
-    result = ExportResult(folder=pathlib.Path(out), notes=composed.notes, verify=None)
+    result = ExportResult(folder=pathlib.Path(out), target=composed.target.name, notes=composed.notes, verify=None)
     source = {"recipe": str(loaded.path or "<dict>"), "checkpoint": str(checkpoint or "")}
 
     def write(folder: pathlib.Path) -> None:

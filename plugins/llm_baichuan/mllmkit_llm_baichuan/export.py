@@ -1,4 +1,4 @@
-"""Export of ``baichuan2`` / ``baichuan2_tiny`` into ``Blip2ForConditionalGeneration.language_model`` (Llama).
+"""Export of ``baichuan2`` / ``baichuan2_tiny`` as ``LlamaForCausalLM`` (every export target's ``language_model``).
 
 The weights are already ``LlamaForCausalLM`` modules once loaded (W_pack split, NormHead normalised),
 so they export by one prefix rule. The sentencepiece vocabulary becomes a ``tokenizer.json`` through

@@ -1,4 +1,4 @@
-"""Export of the ``qwen`` LLM into ``Blip2ForConditionalGeneration.language_model`` (``Qwen2ForCausalLM``).
+"""Export of the ``qwen`` LLM as ``Qwen2ForCausalLM``, the ``language_model`` of every export target.
 
 Qwen v1 weights are already Qwen2 modules once loaded, so v1, Qwen2 and Qwen2.5 export the same way.
 The tokenizer: a Qwen2/2.5 folder's ``tokenizer.json`` as it is; the v1 tiktoken vocabulary (and

@@ -1,8 +1,10 @@
-"""Tiny random Qwen v1 checkpoint folders in the real upstream layout, for tests and demos.
+"""Tiny random Qwen checkpoint folders in the real upstream layouts, for tests and demos.
 
 :func:`write_v1_folder` writes ``config.json`` (either spelling), ``qwen.tiktoken`` (the ``qwen_tiny``
 ranks) and the weights as ``model.safetensors.index.json`` + 2 shards, one ``pytorch_model.bin`` or
 2 ``.bin`` shards + ``pytorch_model.bin.index.json``, with the key names of ``weights.tsv``.
+:func:`write_qwen2_folder` writes a Qwen2/2.5 folder (``save_pretrained`` of ``Qwen2ForCausalLM``,
+tied embeddings) with a ``tokenizer.json`` of the same ranks and Qwen2's special tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "SEQ",
     "VOCAB",
     "v1_state_dict",
+    "write_qwen2_folder",
     "write_tiktoken",
     "write_v1_folder",
 ]
@@ -104,4 +107,31 @@ def write_v1_folder(folder: pathlib.Path, sd: dict[str, torch.Tensor], layout: s
         weight_map.update({k: name for k in half})
     total = sum(t.numel() * t.element_size() for t in sd.values())
     (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return folder
+
+
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>")
+
+
+@torch.no_grad()
+def write_qwen2_folder(folder: pathlib.Path, seed: int = 0, std: float = 0.2) -> pathlib.Path:
+    """A random Qwen2 folder (2 layers of width 32, GQA 4/2, tied embeddings, every weight drawn at
+    ``std``) with ``tokenizer.json`` (the ``qwen_tiny`` ranks, :data:`QWEN2_SPECIALS` after them)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mllmkit.export.tokenizers import tiktoken_tokenizer
+    from mllmkit_llm_qwen.tokenizer import QWEN_PATTERN
+
+    ranks = tiny_ranks()
+    specials = {name: len(ranks) + i for i, name in enumerate(QWEN2_SPECIALS)}
+    config = Qwen2Config(vocab_size=608, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        for param in model.parameters():
+            param.normal_(0, std)
+    model.save_pretrained(folder)
+    tiktoken_tokenizer(ranks, QWEN_PATTERN, specials, nfc=True).save(str(folder / "tokenizer.json"))
     return folder
