@@ -1,6 +1,7 @@
 """Checkpoints, run folders, disks and signals: every user error is one message (exit 2, no
 traceback), a full disk keeps the previous checkpoint, killed saves leave nothing that is listed,
-and a signal to the launcher ends every process it started."""
+a signal to the launcher ends every process it started, a failed final evaluation keeps the export,
+and the progress line shows each step's own numbers."""
 
 from __future__ import annotations
 
@@ -328,3 +329,21 @@ def test_a_failed_final_evaluation_keeps_the_export_and_resume_auto_does_not_rep
            f"--task heldout evaluates the export)" in err
     assert (run / "export/trainable.safetensors").read_bytes() == exported
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000001"]
+
+
+def test_the_progress_line_shows_each_steps_own_loss_and_lr_and_the_end_once(core_plugin_host, tmp_path, capsys):
+    """Captured (not a terminal) stderr: every state of the bar carries the loss and lr its step logged,
+    and the final state is printed once (tqdm prints it when the bar closes)."""
+    import json
+    import re
+
+    from mllmkit.cli import main
+
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(textwrap.dedent(RECIPE).replace("max_steps = 1", "max_steps = 3\nlog_every = 1"))
+    assert main(["run", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    states = re.findall(r"(\d)/3 \[[^]]*?(?:, loss=([\d.]+), lr=([^,]+),[^]]*)?\]", capsys.readouterr().err)
+    logged = {r["step"]: r for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())}
+    assert [int(n) for n, _, _ in states].count(3) == 1 and states[-1][0] == "3"
+    for n, loss, lr in states[1:]:
+        assert (loss, lr) == (f"{logged[int(n)]['loss']:.4f}", f"{logged[int(n)]['lr']:.2e}"), states

@@ -163,7 +163,7 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
         finished = checkpoint is not None and engine.step >= total_steps  # resumed after its last step
 
         metrics = MetricsWriter(run_dir, backend.is_main, settings.tensorboard, resume_step=engine.step)
-        progress = _progress(backend.is_main, total_steps, engine.step)
+        progress = _progress(backend.is_main and not finished, total_steps, engine.step)
         losses: list[float] = []
         window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
         eval_result = None
@@ -216,7 +216,10 @@ def train(recipe: Recipe, run_dir: str | pathlib.Path, resume: str | None = None
                                          samples_s=f"{record['samples_per_s']:.1f}",
                                          tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                     window = {"loss": 0.0, "steps": 0, "samples": 0.0, "tokens": 0.0, "time": time.perf_counter()}
-                progress.update(1)  # after the postfix: the bar shows this step's loss and lr, not the last one's
+                if step < total_steps:  # after the postfix: the bar shows this step's loss and lr, not the last one's
+                    progress.update(1)
+                else:  # the final state: close() prints it, once
+                    progress.n = step
                 if evaluator.due(step, total_steps):
                     metrics.write({"step": step, **evaluator(engine)})
                 if settings.save_every and step % settings.save_every == 0 and step < total_steps:
