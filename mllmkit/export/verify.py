@@ -69,14 +69,16 @@ class Report:
 
 
 def sample_images() -> list[Any]:
-    """Two deterministic pictures, not square, so the processor's resize is exercised."""
+    """Two deterministic pictures, not square, so the processor's resize is exercised; after a
+    shortest-edge resize to 28 px the second (a vertical gradient) has a centre-crop margin of 15 rows,
+    whose half torchvision rounds up and transformers down, so a crop offset that differs is measured."""
     from PIL import Image, ImageDraw
 
     first = Image.new("RGB", (72, 50), (230, 230, 220))
     draw = ImageDraw.Draw(first)
     draw.ellipse((8, 8, 36, 40), fill=(200, 30, 30))
     draw.rectangle((44, 12, 66, 34), fill=(30, 60, 200))
-    second = Image.linear_gradient("L").resize((40, 64)).convert("RGB")
+    second = Image.linear_gradient("L").resize((41, 64)).convert("RGB")
     return [first, second]
 
 
