@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from mllmkit.errors import UserError
+from mllmkit.train.launch import report_to_launcher
 
 __all__ = ["main", "build_parser"]
 
@@ -143,9 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"mllmkit: error: {exc}", file=sys.stderr)
+    except UserError as exc:  # a worker of `mllmkit run --nproc-per-node` reports to the launcher instead
+        if not report_to_launcher(str(exc), with_traceback=False):
+            print(f"mllmkit: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not report_to_launcher(f"{type(exc).__name__}: {exc}", with_traceback=True):
+            raise
+        return 1
     except KeyboardInterrupt:
         print("mllmkit: interrupted", file=sys.stderr)
         return 130

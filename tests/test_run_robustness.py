@@ -347,3 +347,48 @@ def test_the_progress_line_shows_each_steps_own_loss_and_lr_and_the_end_once(cor
     assert [int(n) for n, _, _ in states].count(3) == 1 and states[-1][0] == "3"
     for n, loss, lr in states[1:]:
         assert (loss, lr) == (f"{logged[int(n)]['loss']:.4f}", f"{logged[int(n)]['lr']:.2e}"), states
+
+
+FAILING_WORKER = textwrap.dedent("""
+    import os, signal, sys
+    import torch.distributed as dist
+    from mllmkit import cli
+    from mllmkit.errors import UserError
+    from mllmkit.train import launch
+
+    def rank1(*args, **kwargs):  # what goes wrong on rank 1
+        if sys.argv[1] == "user":
+            raise UserError("a user error on this rank")
+        if sys.argv[1] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("a bug")
+
+    dist.init_process_group("gloo")
+    launch.run_command = rank1 if dist.get_rank() == 1 else lambda *args, **kwargs: dist.barrier()  # waits for 1
+    sys.exit(cli.main(["run", "unused.toml"]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, line, code", [
+    ("user", "rank 1 failed: a user error on this rank", 2),
+    ("kill", "rank 1 failed: killed by SIGKILL", 128 + signal.SIGKILL),
+    ("bug", "rank 1 failed: RuntimeError: a bug (traceback: ", 1),
+])
+def test_a_failed_rank_is_one_line_naming_it_and_the_cause(tmp_path, capfd, kind, line, code):
+    """The launcher of ``mllmkit run --nproc-per-node 2`` around two gloo workers of ``mllmkit.cli``: rank 1
+    fails, rank 0 loses its peer; one line names rank 1 and its cause (no traceback of either rank or of
+    torchrun), with the failed rank's exit code."""
+    import json
+
+    from mllmkit.train.launch import run_launcher, torchrun_command
+
+    (tmp_path / "worker.py").write_text(FAILING_WORKER)
+    command = torchrun_command("unused.toml", [], None, 2, None)
+    command = command[:command.index("-m", 3)] + [str(tmp_path / "worker.py"), kind]
+    assert run_launcher(command, {**os.environ, "OMP_NUM_THREADS": "1"}) == code
+    err = capfd.readouterr().err
+    assert err.startswith(line) and len(err.splitlines()) == 1, err
+    if kind == "bug":  # the traceback is in the error file the line names
+        error_file = pathlib.Path(err.removeprefix(line).rstrip(")\n"))
+        assert 'raise RuntimeError("a bug")' in json.loads(error_file.read_text())["message"]["extraInfo"]["py_callstack"]
