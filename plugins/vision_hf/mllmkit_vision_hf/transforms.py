@@ -3,8 +3,9 @@
 ``pad`` (LLaVA-1.5's ``image_aspect_ratio = "pad"``, its ``expand2square``): the image is pasted in
 the middle of a square of the longer side, filled with the processor's mean colour
 (``int(mean * 255)`` per channel), so nothing is cropped away. Then the released processors'
-numbers: CLIP resizes the shortest edge to the image size (bicubic), crops the centre and normalises
-with CLIP's mean/std; SigLIP resizes to a square (bicubic) and normalises with mean = std = 0.5.
+numbers: CLIP resizes the shortest edge to the image size (bicubic), crops the centre (offset rounded
+down, as ``CLIPImageProcessor`` does; torchvision's ``CenterCrop`` rounds half to even, one row off
+when the margin is 4k + 3) and normalises with CLIP's mean/std; SigLIP resizes to a square (bicubic) and normalises with mean = std = 0.5.
 ``resize`` skips the padding (CLIP then crops the longer side).
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from mllmkit_vision_hf.families import Family
 
-__all__ = ["PadToSquare", "expand2square", "llava_image_transform"]
+__all__ = ["CenterCrop", "PadToSquare", "expand2square", "llava_image_transform"]
 
 
 def expand2square(image: Any, background: tuple[int, int, int]) -> Any:
@@ -46,6 +47,21 @@ class PadToSquare:
         return f"PadToSquare(background={self.background})"
 
 
+class CenterCrop:
+    """The centre ``size``×``size`` square of a PIL image, offsets rounded down (transformers' crop)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Any) -> Any:
+        width, height = image.size
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self) -> str:
+        return f"CenterCrop(size={self.size})"
+
+
 def llava_image_transform(family: Family, image_size: int, image_aspect: str) -> Callable[[Any], torch.Tensor]:
     """PIL image → normalised ``[3, image_size, image_size]`` tensor (``image_aspect``: pad or resize)."""
     from torchvision import transforms
@@ -54,7 +70,7 @@ def llava_image_transform(family: Family, image_size: int, image_aspect: str) ->
     steps: list[Any] = [PadToSquare(family.mean)] if image_aspect == "pad" else []
     if family.center_crop:
         steps += [transforms.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-                  transforms.CenterCrop(image_size)]
+                  CenterCrop(image_size)]
     else:
         steps.append(transforms.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC))
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(family.mean, family.std)])
