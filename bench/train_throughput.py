@@ -33,12 +33,14 @@ required FLOP/s over the bf16 matmul rate measured in this process.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import tomllib
 
@@ -53,9 +55,15 @@ WORDS = ("the a of to and in is it that for on with as was this by at be from or
 
 
 def inline(table: dict) -> str:
-    """A TOML inline table (strings, numbers, booleans), for ``--set key={...}``."""
+    """A TOML inline table (strings, numbers, booleans, arrays, nested tables), for ``--set key={...}``."""
     def value(v):
-        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else str(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return inline(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v) if isinstance(v, str) else str(v)
     return "{" + ", ".join(f"{k} = {value(v)}" for k, v in table.items()) + "}"
 
 
@@ -76,9 +84,10 @@ def write_data(folder: pathlib.Path, n: int, image_size: int, rng: random.Random
     return annotations
 
 
-def model_overrides(tiny: bool, eva: pathlib.Path, checkpointing: bool) -> list[str]:
-    """The recipe's model with random weights: EVA from ``eva``, the Q-Former and Qwen from presets."""
-    model = tomllib.loads(RECIPE.read_text())["model"]
+def model_overrides(tiny: bool, eva: pathlib.Path, checkpointing: bool, recipe: pathlib.Path = RECIPE) -> list[str]:
+    """The recipe's model with random weights: EVA from ``eva``, the Q-Former and Qwen from presets; a
+    ``[model] init_from`` (an earlier run's export) is dropped by restating the model table without it."""
+    model = tomllib.loads(recipe.read_text())["model"]
     qformer = {k: v for k, v in model["bridges"][0].items() if k != "weights"}
     llm = {k: v for k, v in model["llm"].items() if k != "path"}
     llm["gradient_checkpointing"] = checkpointing
@@ -87,20 +96,28 @@ def model_overrides(tiny: bool, eva: pathlib.Path, checkpointing: bool) -> list[
         llm.update(preset="qwen_tiny", precision="fp32")
     sets = [f"model.vision.weights={json.dumps(str(eva))}", f"model.bridges[0]={inline(qformer)}",
             f"model.llm={inline(llm)}"]
+    if "init_from" in model:
+        sets.insert(0, f"model={inline({k: v for k, v in model.items() if k != 'init_from'})}")
     if tiny:
         sets += ["model.vision.type=eva_tiny", "model.vision.precision=fp32"]
     return sets
 
 
-def run_row(name: str, overrides: list[str], run_dir: pathlib.Path, skip_steps: int) -> dict:
-    """``mllmkit run`` with ``overrides``; samples/s over the steps after ``skip_steps`` from metrics.jsonl."""
+def run_dir_for(folder: pathlib.Path, row: str) -> pathlib.Path:
+    """A row's run folder under ``folder``, named after the row."""
+    return folder / row.replace(" ", "_").replace("+", "").replace(",", "")
+
+
+def run_row(name: str, overrides: list[str], run_dir: pathlib.Path, skip_steps: int,
+            recipe: pathlib.Path = RECIPE) -> dict:
+    """``mllmkit run`` of ``recipe`` with ``overrides``; samples/s over the steps after ``skip_steps`` from metrics.jsonl."""
     from mllmkit.train.launch import run_command
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    run_command(str(RECIPE), overrides, output_dir=str(run_dir))
+    run_command(str(recipe), overrides, output_dir=str(run_dir))
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("samples_per_s") and r["step"] > skip_steps]
@@ -113,20 +130,43 @@ def run_row(name: str, overrides: list[str], run_dir: pathlib.Path, skip_steps: 
             "final_loss": steps[-1]["loss"] if steps else None}
 
 
-def flops_per_sample(overrides: list[str], annotations: pathlib.Path) -> dict:
-    """Parameter counts, per-image vision FLOPs and mean tokens per sample of the recipe's model and encoder."""
+def run_rows(planned: list[tuple[str, Callable[[], dict]]], wanted: str, errors: dict[str, str]) -> list[dict]:
+    """Measure the rows named in ``wanted`` (comma-separated; empty: all) in order; a failing row is
+    recorded in ``errors`` with its traceback and the others still run."""
+    if wanted:
+        names = {name.strip() for name in wanted.split(",")}
+        planned = [row for row in planned if row[0] in names]
+    rows = []
+    for name, measure in planned:
+        print(f"== {name}", flush=True)
+        try:
+            rows.append(measure())
+            print(f"== {name}: {json.dumps(rows[-1])}", flush=True)
+        except Exception as exc:
+            import traceback
+
+            errors[name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
+            print(f"{name} failed: {errors[name]}", flush=True)
+    return rows
+
+
+def flops_per_sample(overrides: list[str], annotations: pathlib.Path, recipe: pathlib.Path = RECIPE) -> dict:
+    """Parameter counts (LoRA adapters apart from the LLM body), per-image vision and projector FLOPs and
+    mean tokens per sample of the recipe's model and encoder."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import mllmkit
     from mllmkit.builtin.datasets import MiniGPT4QwenInstructions
     from mllmkit.data import SampleEncoder
 
-    recipe = mllmkit.load_recipe(str(RECIPE), overrides)
-    model = mllmkit.assemble(recipe)
+    loaded = mllmkit.load_recipe(str(recipe), overrides)
+    model = mllmkit.assemble(loaded)
     device = next(model.llm.parameters()).device
     model.to(device)
     hf = model.llm.hf_model
-    n_body = sum(p.numel() for p in hf.model.layers.parameters()) + hf.model.norm.weight.numel()
+    layers = dict(hf.model.layers.named_parameters())
+    n_lora = sum(p.numel() for n, p in layers.items() if "lora_" in n)
+    n_body = sum(p.numel() for n, p in layers.items() if "lora_" not in n) + hf.model.norm.weight.numel()
     n_head = hf.lm_head.weight.numel()
     size = model.vision.image_size
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -137,16 +177,19 @@ def flops_per_sample(overrides: list[str], annotations: pathlib.Path) -> dict:
     linear = counter.get_total_flops()
     data = MiniGPT4QwenInstructions("bench", annotations, annotations.parent / "images")
     encoder = SampleEncoder(model.llm.template, model.tokens_per_image, model.vision.image_transform(False),
-                            recipe.train.max_text_len)
+                            loaded.train.max_text_len)
     encoded = [encoder.encode_text(data[i]) for i in range(len(data))]
     tokens = sum(len(e.input_ids) for e in encoded) / len(encoded)
     labelled = sum(sum(1 for x in e.labels[1:] if x != -100) for e in encoded) / len(encoded)
+    model_tokens = model.tokens_per_image
     del model, hf
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     text = 4 * n_body * tokens + 4 * n_head * labelled + 3 * linear
-    return {"llm_body_params": n_body, "llm_head_params": n_head, "vision_flops_per_image": vision,
-            "mean_tokens": tokens, "mean_labelled_tokens": labelled, "text_flops_per_sample": text}
+    return {"llm_body_params": n_body, "llm_head_params": n_head, "llm_lora_params": n_lora,
+            "vision_flops_per_image": vision, "projector_flops_per_image": linear,
+            "tokens_per_image": model_tokens, "mean_tokens": tokens, "mean_labelled_tokens": labelled,
+            "text_flops_per_sample": text}
 
 
 def main() -> None:
@@ -204,20 +247,9 @@ def main() -> None:
             planned.append(("mllmkit packed + liger", packed + ["train.fused_kernels=liger"], 2))
             planned.append(("mllmkit packed + liger + flex", packed + ["train.fused_kernels=liger",
                                                                      "model.llm.attn_implementation=flex_attention"], 2))
-        if args.rows:
-            wanted = {name.strip() for name in args.rows.split(",")}
-            planned = [row for row in planned if row[0] in wanted]
-        rows, result["errors"] = [], {}
-        for name, overrides, skip in planned:  # a failing row is recorded with its traceback; the others stand
-            print(f"== {name}", flush=True)
-            try:
-                rows.append(run_row(name, overrides, tmp / name.replace(" ", "_").replace("+", ""), skip_steps=skip))
-                print(f"== {name}: {json.dumps(rows[-1])}", flush=True)
-            except Exception as exc:
-                import traceback
-
-                result["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
-                print(f"{name} failed: {result['errors'][name]}", flush=True)
+        result["errors"] = {}
+        rows = run_rows([(name, functools.partial(run_row, name, overrides, run_dir_for(tmp, name), skip))
+                         for name, overrides, skip in planned], args.rows, result["errors"])
     base = rows[0]["samples_per_s"] if rows and rows[0]["row"] == "seed-faithful" else float("nan")
     table = []
     for row in rows:
