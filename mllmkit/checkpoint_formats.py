@@ -61,7 +61,7 @@ def _read_folder(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], str]:
     if layers:
         tensors: dict[str, torch.Tensor] = {}
         for layer in layers:
-            tensors.update(_state_dict(layer, safe_torch_load(layer)))
+            tensors.update(_state_dict(layer, safe_torch_load(layer), allow_empty=True))  # parameter-free layers
         return tensors, "deepspeed pipeline"
     states = path / "mp_rank_00_model_states.pt"
     if states.is_file():
@@ -77,8 +77,9 @@ def _read_folder(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], str]:
     raise WeightsError(f"{path}: no checkpoint found in this folder; {_EXPECTED}")
 
 
-def _state_dict(path: pathlib.Path, obj: object) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded ``.pth``: a bare state dict, or one wrapped in ``model`` / ``module``."""
+def _state_dict(path: pathlib.Path, obj: object, allow_empty: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded ``.pth``: a bare state dict, or one wrapped in ``model`` / ``module``
+    (``allow_empty``: a pipeline layer file, which holds nothing for a layer without parameters)."""
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: found a {type(obj).__name__}; {_EXPECTED}")
     for wrapper in ("model", "module"):
@@ -86,7 +87,7 @@ def _state_dict(path: pathlib.Path, obj: object) -> dict[str, torch.Tensor]:
             obj = obj[wrapper]
             break
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
+    if not tensors and not allow_empty:
         raise WeightsError(f"{path}: no tensors at the top level (keys: {', '.join(map(str, list(obj)[:8]))}); "
                            f"{_EXPECTED}")
     return tensors

@@ -53,6 +53,10 @@ def test_third_party_distribution_is_discovered_and_used(installed_third_party, 
         [model.llm]
         type = "qwen"
         preset = "qwen_tiny"
+        [[data.train]]
+        type = "minigpt4qwen_instruction"
+        annotations = "train.json"
+        images = "images"
     """))
     result = _run("check", str(recipe))
     if "unknown" in result.stderr and ("eva_tiny" in result.stderr or "qwen" in result.stderr):

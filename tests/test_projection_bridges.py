@@ -104,9 +104,9 @@ def test_refused_file_not_a_state_dict(tmp_path):
     with pytest.raises(WeightsError) as info:
         mllmkit.build("bridge", "linear", CTX, weights=str(path))
     assert str(info.value) == (
-        f"{path}: found a list; expected one of: an mllmkit export folder (trainable.safetensors), a .safetensors "
-        "file, a LAVIS checkpoint_N.pth ({'model': state_dict}), a bare state dict (model.pth), or DeepSpeed "
-        "mp_rank_00_model_states.pt ({'module': state_dict})")
+        f"{path}: found a list; expected one of: an mllmkit export or checkpoint folder (trainable.safetensors), a "
+        ".safetensors file, a LAVIS checkpoint_N.pth ({'model': state_dict}), a bare state dict (model.pth), or a "
+        "DeepSpeed folder (mp_rank_00_model_states.pt, or layer_XX-model_states.pt of a pipeline)")
 
 
 def test_refused_file_with_code_running_pickle(tmp_path):
