@@ -78,7 +78,7 @@ from train_throughput import (  # noqa: E402
     run_dir_for,
     run_row,
     run_rows,
-    write_data,
+    write_inputs,
 )
 
 LORA_RECIPE = B.ROOT / "recipes" / "minigpt4qwen7b_lora.toml"
@@ -224,19 +224,11 @@ def main() -> None:
     B.register_plugins()
     rng = random.Random(0)
     torch.manual_seed(0)
-    from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G
-    from mllmkit_vision_eva.random_checkpoint import write_random_checkpoint
-
     result: dict = {**B.environment(), "tiny": args.tiny, "recipes": [str(LORA_RECIPE.relative_to(B.ROOT)),
                                                                       str(SFT_RECIPE.relative_to(B.ROOT))]}
     with tempfile.TemporaryDirectory(prefix="finetune_bench_") as tmp:
         tmp = pathlib.Path(tmp)
-        eva = write_random_checkpoint(tmp / "eva_vit_g.pth", EVA_TINY if args.tiny else EVA_VIT_G,
-                                      dtype=torch.float32 if args.tiny else torch.float16,
-                                      device="cpu" if args.tiny else "cuda")
-        annotations = write_data(tmp / "data", args.samples, 64 if args.tiny else 256, rng)
-        dataset = {"type": "minigpt4qwen_instruction", "annotations": str(annotations),
-                   "images": str(annotations.parent / "images")}
+        eva, annotations, dataset = write_inputs(tmp, args.tiny, args.samples, rng)
         accum = max(16 // args.batch, 1)
         common = [f"data.train=[{inline(dataset)}]", f"data.num_workers={args.workers}", "train.log_every=1",
                   "train.save_every=100000", "train.warmup_steps=0", "train.loss_reduction=token", "train.epochs=1",

@@ -84,6 +84,21 @@ def write_data(folder: pathlib.Path, n: int, image_size: int, rng: random.Random
     return annotations
 
 
+def write_inputs(tmp: pathlib.Path, tiny: bool, samples: int,
+                 rng: random.Random) -> tuple[pathlib.Path, pathlib.Path, dict]:
+    """A random EVA checkpoint in LAVIS format and ``samples`` seed-format records with their JPEGs,
+    under ``tmp``: ``(eva checkpoint, annotations, the [[data.train]] table naming them)``."""
+    from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G
+    from mllmkit_vision_eva.random_checkpoint import write_random_checkpoint
+
+    eva = write_random_checkpoint(tmp / "eva_vit_g.pth", EVA_TINY if tiny else EVA_VIT_G,
+                                  dtype=torch.float32 if tiny else torch.float16, device="cpu" if tiny else "cuda")
+    annotations = write_data(tmp / "data", samples, 64 if tiny else 256, rng)
+    dataset = {"type": "minigpt4qwen_instruction", "annotations": str(annotations),
+               "images": str(annotations.parent / "images")}
+    return eva, annotations, dataset
+
+
 def model_overrides(tiny: bool, eva: pathlib.Path, checkpointing: bool, recipe: pathlib.Path = RECIPE) -> list[str]:
     """The recipe's model with random weights: EVA from ``eva``, the Q-Former and Qwen from presets; a
     ``[model] init_from`` (an earlier run's export) is dropped by restating the model table without it."""
@@ -206,18 +221,10 @@ def main() -> None:
     B.register_plugins()
     rng = random.Random(0)
     torch.manual_seed(0)
-    from mllmkit_vision_eva.encoder import EVA_TINY, EVA_VIT_G
-    from mllmkit_vision_eva.random_checkpoint import write_random_checkpoint
-
     result: dict = {**B.environment(), "tiny": args.tiny, "recipe": str(RECIPE.relative_to(B.ROOT))}
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         tmp = pathlib.Path(tmp)
-        eva = write_random_checkpoint(tmp / "eva_vit_g.pth", EVA_TINY if args.tiny else EVA_VIT_G,
-                                      dtype=torch.float32 if args.tiny else torch.float16,
-                                      device="cpu" if args.tiny else "cuda")
-        annotations = write_data(tmp / "data", args.samples, 64 if args.tiny else 256, rng)
-        dataset = {"type": "minigpt4qwen_instruction", "annotations": str(annotations),
-                   "images": str(annotations.parent / "images")}
+        eva, annotations, dataset = write_inputs(tmp, args.tiny, args.samples, rng)
         common = [f"data.train=[{inline(dataset)}]",
                   f"data.num_workers={args.workers}", "parallel.type=single", "train.log_every=1",
                   "train.save_every=100000", "train.warmup_steps=0", "train.loss_reduction=token"]
