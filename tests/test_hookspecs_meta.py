@@ -11,8 +11,10 @@ from mllmkit import hookspecs
 
 SPECS = [name for name, obj in vars(hookspecs).items()
          if name.startswith("mllmkit_") and callable(obj)]
-SOURCES = "\n".join(p.read_text() for p in pathlib.Path(__file__).parents[1].rglob("test*.py"))
-GUIDE = pathlib.Path(__file__).parents[1] / "docs" / "plugins.md"
+ROOT = pathlib.Path(__file__).parents[1]
+SOURCES = "\n".join(p.read_text() for folder in ("tests", "plugins")  # not .venv: installed packages' tests
+                    for p in (ROOT / folder).rglob("test*.py"))
+GUIDE = ROOT / "docs" / "plugins.md"
 
 
 def test_hookspecs_are_the_kinds():
