@@ -27,7 +27,7 @@ from mllmkit.data.images import ImageMissing, ImageUnreadable
 from mllmkit.errors import DataError
 from mllmkit.interfaces import Sample
 from mllmkit.template import IMAGE_SPAN
-from mllmkit.testing.toy import ByteTokenizer, ToyTemplate
+from mllmkit.testing.toy import TOY_MODEL_TOML, ByteTokenizer, ToyTemplate
 
 LIMIT = f"more pixels than the limit of {MAX_IMAGE_PIXELS} (mllmkit.data.images.MAX_IMAGE_PIXELS)"
 
@@ -197,16 +197,7 @@ def test_bad_records_are_dropped_and_good_ones_kept(core_plugin_host, image_dir,
     assert skips == _expected_skips(annotations, image_dir)
 
 
-RECIPE = """
-[model.vision]
-type = "toy_vision"
-
-[[model.bridges]]
-type = "linear"
-
-[model.llm]
-type = "toy_llm"
-
+RECIPE = TOY_MODEL_TOML + """
 [[data.train]]
 type = "minigpt4qwen_instruction"
 annotations = "ann.json"

@@ -9,22 +9,14 @@ import pytest
 
 from mllmkit import check_wiring, load_recipe
 from mllmkit.errors import RecipeError
+from mllmkit.testing.toy import TOY_MODEL_TOML
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-GOOD = """
-[model.vision]
-type = "toy_vision"
-
-[[model.bridges]]
-type = "linear"
-
-[model.llm]
-type = "toy_llm"
-"""
+GOOD = TOY_MODEL_TOML
 
 BAD_RECIPES = [
     # (recipe text, expected key path, fragment of the message)

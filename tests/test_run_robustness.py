@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mllmkit.errors import UserError
+from mllmkit.testing.toy import TOY_MODEL_TOML
 from mllmkit.train import checkpoint as ckpt
 
 
@@ -156,16 +157,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
         assert torch.equal(engine_state["model"]["bridges.0.proj.weight"], torch.full((64, 64), 1.0))
 
 
-RECIPE = """
-[model.vision]
-type = "toy_vision"
-
-[[model.bridges]]
-type = "linear"
-
-[model.llm]
-type = "toy_llm"
-
+RECIPE = TOY_MODEL_TOML + """
 [[data.train]]
 type = "demo_shapes"
 size = 4

@@ -162,6 +162,18 @@ class ToyPlugin:
         return SPECS_LLM
 
 
+TOY_MODEL_TOML = """
+[model.vision]
+type = "toy_vision"
+
+[[model.bridges]]
+type = "linear"
+
+[model.llm]
+type = "toy_llm"
+"""
+"""The ``[model]`` tables of a recipe file assembling ``toy_vision → linear → toy_llm``; append the rest."""
+
 TOY_RECIPE: dict = {
     "model": {
         "vision": {"type": "toy_vision"},
