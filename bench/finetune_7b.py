@@ -16,7 +16,7 @@ Rows:
 1. peft baseline: plain transformers + peft, no mllmkit step. The same ``Qwen2ForCausalLM`` (built by the
    qwen plugin's preset, the same random init), ``peft.get_peft_model`` with the LoRA recipe's
    ``[model.llm.lora]`` (r 64, alpha 16, dropout 0.05, all-linear), the same gradient checkpointing
-   (transformers' ``activation_checkpointing_enable``, non-reentrant), bf16 autocast, fused AdamW
+   (transformers' ``gradient_checkpointing_enable``, non-reentrant), bf16 autocast, fused AdamW
    (lr 2e-4), grad-norm clip 1.0. Text-only: no EVA or Q-Former runs; each image's 32 placeholder positions
    get fixed random embeddings (``inputs_embeds``). Its micro-batches are those of the LoRA row's epoch
    (the same draws, grouped by the encoded token length, padded to a multiple of 64, ``attention_mask``
@@ -30,9 +30,13 @@ Rows:
    is recorded when it is missing).
 4. mllmkit full, single, checkpointing: ``tune = "full"`` on the LLM (the SFT recipe), one process,
    every decoder layer recomputed in backward.
-5. mllmkit full, fsdp 1 process and 6. mllmkit full, zero3 1 process: the same job under
-   ``parallel.type = "fsdp"`` (FSDP2, fp32 masters, bf16 compute) and ``"zero"`` stage 3 (DeepSpeed), one
-   process, so the sharded code paths run on CUDA.
+5. mllmkit lora, fsdp 1 process: the LoRA row under ``parallel.type = "fsdp"`` (FSDP2 over the
+   adapted LLM, fp32 masters, bf16 compute), one process, so the sharded code path runs on CUDA.
+6. mllmkit full, zero3 1 process, optimizer on CPU: the full row under ``"zero"`` stage 3 (DeepSpeed)
+   with ``offload_optimizer = "cpu"`` (DeepSpeedCPUAdam), one process: how a 7B full fine-tune fits one
+   GPU. Without offload, ``fsdp``/``zero`` stage 3 keep fp32 masters, gradients and AdamW moments on the
+   GPU, 16 bytes per parameter = 123 GB for the 7.7B LLM before activations: more than one H200 holds
+   (both ran out of memory in the first backward or optimizer step); that is the 2-GPU measurement.
 
 The run's final checkpoint and export are not written (``Engine.state_dict`` returns the step only;
 ``save_checkpoint``, ``export`` and ``write_adapters`` do nothing): a full fine-tune's state is about
@@ -151,7 +155,7 @@ def peft_baseline(overrides: list[str], annotations: pathlib.Path, costs: dict, 
                                           bias=lora.get("bias", "none"), task_type="CAUSAL_LM"))
     model.config.use_cache = False
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, fused=True)
@@ -214,8 +218,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8, help="data.num_workers of the mllmkit rows")
     ap.add_argument("--lora-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="gradient checkpointing in the LoRA rows and the peft baseline (the recipe's: on)")
-    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all), e.g. "
-                                               "'peft baseline,mllmkit lora'")
+    ap.add_argument("--rows", default="", help="row names to run, separated by ';' (default: all), e.g. "
+                                               "'peft baseline;mllmkit lora'")
     args = ap.parse_args()
     if args.tiny:  # one CPU thread: toy matrices gain nothing from more, and on a busy machine they spin
         args.samples, args.batch, args.workers = 48, 8, 0
@@ -252,9 +256,12 @@ def main() -> None:
         if not args.tiny:
             planned.append(("mllmkit qlora nf4", functools.partial(
                 mllmkit_row, "mllmkit qlora nf4", lora + ["model.llm.quantize=nf4"], tmp, LORA_RECIPE)))
+        lora_fsdp = [o for o in lora if o != "parallel.type=single"] + ["parallel.type=fsdp"]
+        planned.append(("mllmkit lora, fsdp 1 process", functools.partial(
+            mllmkit_row, "mllmkit lora, fsdp 1 process", lora_fsdp, tmp, LORA_RECIPE)))
         for name, backend in [("mllmkit full, single, checkpointing", ["parallel.type=single"]),
-                              ("mllmkit full, fsdp 1 process", ["parallel.type=fsdp"]),
-                              ("mllmkit full, zero3 1 process", ["parallel.type=zero", "parallel.stage=3"])]:
+                              ("mllmkit full, zero3 1 process, optimizer on CPU",
+                               ["parallel.type=zero", "parallel.stage=3", "parallel.offload_optimizer=cpu"])]:
             planned.append((name, functools.partial(mllmkit_row, name, full + backend, tmp, SFT_RECIPE)))
         result["errors"] = {}
         rows = run_rows(planned, args.rows, result["errors"])

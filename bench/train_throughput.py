@@ -146,10 +146,10 @@ def run_row(name: str, overrides: list[str], run_dir: pathlib.Path, skip_steps: 
 
 
 def run_rows(planned: list[tuple[str, Callable[[], dict]]], wanted: str, errors: dict[str, str]) -> list[dict]:
-    """Measure the rows named in ``wanted`` (comma-separated; empty: all) in order; a failing row is
+    """Measure the rows named in ``wanted`` (separated by ";", as the names hold commas; empty: all) in order; a failing row is
     recorded in ``errors`` with its traceback and the others still run."""
     if wanted:
-        names = {name.strip() for name in wanted.split(",")}
+        names = {name.strip() for name in wanted.split(";")}
         planned = [row for row in planned if row[0] in names]
     rows = []
     for name, measure in planned:
@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--seed-steps", type=int, default=4, help="optimizer steps (of 16 samples) of the seed row")
     ap.add_argument("--batch", type=int, default=16, help="mllmkit micro-batch (the step stays 16 samples when ≤ 16)")
     ap.add_argument("--workers", type=int, default=8, help="data.num_workers of every row")
-    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all), e.g. 'seed-faithful,mllmkit'")
+    ap.add_argument("--rows", default="", help="row names to run, separated by ';' (default: all), e.g. 'seed-faithful;mllmkit'")
     args = ap.parse_args()
     if args.tiny:
         args.samples, args.seed_steps, args.batch, args.workers = 64, 3, 8, 0

@@ -19,6 +19,7 @@ from mllmkit.errors import RecipeError, UserError
 from mllmkit.recipe import load_recipe
 from mllmkit.testing.launch import TINY_RECIPE
 from mllmkit.train.loop import train
+from mllmkit.tune.lora import adapter_inputs_uncast
 
 LORA = ["model.llm.tune=lora", "model.llm.lora.r=4", "model.llm.lora.alpha=8", "model.llm.lora.dropout=0.0",
         "train.max_steps=4", "train.save_every=2"]
@@ -60,6 +61,33 @@ def test_lora_trains_only_the_adapters(lora_run):
     before = dict(start.named_parameters())
     changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
     assert changed == adapters | {"bridges.1.proj.weight", "bridges.1.proj.bias"}
+
+
+def test_a_step_under_autocast_skips_peft_input_casts_and_changes_no_number(lora_run):
+    """A bf16 LLM with fp32 adapters: in the step, peft's cast of each adapted layer's input to fp32 is
+    skipped (autocast runs the adapters' matmuls in bf16 either way); loss and gradients are identical."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    recipe, _, _ = lora_run
+    model = assemble(load_recipe(recipe, [*LORA, "model.llm.precision=bf16"]))
+    llm = model.llm.hf_model
+    layers = [m for m in llm.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and {m.lora_A["default"].weight.dtype for m in layers} == {torch.float32}
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = llm(input_ids=_ids(), labels=_ids()).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in llm.named_parameters() if p.requires_grad}
+
+    cast_loss, cast_grads = loss_and_grads()
+    with adapter_inputs_uncast(model):
+        assert not any(m.cast_input_dtype_enabled for m in layers)
+        loss, grads = loss_and_grads()
+    assert all(m.cast_input_dtype_enabled for m in layers)  # generation without autocast needs the casts back
+    assert torch.equal(loss, cast_loss) and grads.keys() == cast_grads.keys()
+    assert all(torch.equal(grads[n], cast_grads[n]) for n in grads)
 
 
 def test_adapter_folder_is_peft_layout_and_loads_in_peft(lora_run):

@@ -27,6 +27,7 @@ from torch import nn
 from mllmkit.data.collate import Batch
 from mllmkit.interfaces import ParallelBackend, Runner
 from mllmkit.train.optim import set_lr
+from mllmkit.tune.lora import adapter_inputs_uncast
 
 __all__ = ["Engine", "StepWindow", "load_named_optimizer_state", "named_optimizer_state",
            "restore_group_settings"]
@@ -158,7 +159,8 @@ class Engine:
                             self.runner.loss_multiplier(len(micro_batches)), self.device,
                             loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         self.model.train()
-        self.runner.forward_backward(window, self.autocast)
+        with adapter_inputs_uncast(self.model) if self.autocast_dtype is not None else contextlib.nullcontext():
+            self.runner.forward_backward(window, self.autocast)
         grad_norm = self.runner.apply(self.settings.grad_clip, self.scaler)
         self.step += 1
         sums = self.backend.all_reduce(window.loss_sums.cpu())

@@ -13,6 +13,7 @@ into the base weights (``merge_and_unload``).
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import re
 from collections.abc import Iterator, Mapping
@@ -22,8 +23,8 @@ from torch import nn
 
 from mllmkit.errors import RecipeError, UserError
 
-__all__ = ["ADAPTER_DIR", "adapter_root", "apply_lora", "adapted_parts", "keep_only_adapters_trainable",
-           "merge_adapters", "write_adapters"]
+__all__ = ["ADAPTER_DIR", "adapter_root", "adapter_inputs_uncast", "apply_lora", "adapted_parts",
+           "keep_only_adapters_trainable", "merge_adapters", "write_adapters"]
 
 ADAPTER_DIR = "adapters"
 """Export sub-folder holding one peft adapter folder per LoRA-tuned part (``adapters/llm``)."""
@@ -132,6 +133,20 @@ def keep_only_adapters_trainable(part: nn.Module) -> None:
             for module in root.modules():
                 if isinstance(module, LoraLayer) and getattr(module.get_base_layer(), "bias", None) is not None:
                     module.get_base_layer().bias.requires_grad_(True)
+
+
+def adapter_inputs_uncast(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Within this context peft does not cast each adapted layer's input to the adapter weights' dtype
+    (fp32 masters) — for a forward and backward under autocast, where the adapters' matmuls run in the
+    autocast dtype whatever the input's, so the cast only copies every activation of every adapted
+    layer (again in recompute) and runs dropout on the fp32 copy; the results are the same. peft's own
+    switch (``peft.helpers.disable_input_dtype_casting``); a model without adapters is left alone.
+    Outside it (generation without autocast: bf16 inputs, fp32 adapters) peft casts as usual."""
+    if not any(True for _ in adapted_parts(model)):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 def write_adapters(export_dir: pathlib.Path, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> list[pathlib.Path]:
