@@ -251,6 +251,7 @@ def main() -> None:
             ("mllmkit packed", packed, 2),
         ]
         if not args.tiny:
+            planned.append(("mllmkit + liger", fast + ["train.epochs=1", "train.fused_kernels=liger"], 2))
             planned.append(("mllmkit packed + liger", packed + ["train.fused_kernels=liger"], 2))
             planned.append(("mllmkit packed + liger + flex", packed + ["train.fused_kernels=liger",
                                                                      "model.llm.attn_implementation=flex_attention"], 2))

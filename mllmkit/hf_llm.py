@@ -19,6 +19,7 @@ from torch import nn
 
 from mllmkit.errors import UserError
 from mllmkit.interfaces import Tokenizer
+from mllmkit.packed_attention import packed_attention_name, sample_boundaries, wraps_packable
 from mllmkit.template import ChatTemplate
 
 __all__ = ["HFCausalLM", "PackingUnsupported", "cache_keyword", "new_hf_model", "finish_meta_load"]
@@ -96,24 +97,33 @@ class HFCausalLM(nn.Module):
         building, which reads GPU values on the host, is skipped. Left-padded rows need their mask,
         packed rows their ``position_ids``; both take transformers' own path (packed rows: positions
         restarting at 0 and no mask, from which transformers builds a per-sample document mask or
-        takes flash-attention's varlen kernel; :meth:`_check_packing`).
+        takes flash-attention's varlen kernel; :meth:`_check_packing`), except under SDPA, where the
+        samples' boundaries go to the layers and each attends within its sample through the varlen
+        kernel (:mod:`mllmkit.packed_attention`), with no mask built.
         """
         self._check_length(inputs_embeds.shape[1])
         if attention_mask is None and position_ids is not None:
             self._check_packing()
+            if self._causal_without_mask() and wraps_packable(self.hf_model.config._attn_implementation):
+                config = self.hf_model.config
+                config._attn_implementation = packed_attention_name(config._attn_implementation)
+                return self._layers_hidden(inputs_embeds, position_ids, **sample_boundaries(position_ids))
         if attention_mask is None and position_ids is None and self._causal_without_mask():
-            return self._causal_hidden(inputs_embeds)
+            positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+            return self._layers_hidden(inputs_embeds, positions)
         out = self.hf_model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     def _causal_without_mask(self) -> bool:
-        """Whether a decoder layer given no mask attends causally: SDPA (``is_causal``) and flash
-        kernels do, eager attention does not; sliding-window layers need their mask."""
+        """Whether a decoder layer given no mask attends causally: SDPA (``is_causal``; also its variants,
+        e.g. Qwen v1's log-n) and flash kernels do, eager attention does not; sliding-window layers need
+        their mask."""
         config = self.hf_model.config
         kernel = config._attn_implementation or ""
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        return (kernel == "sdpa" or kernel.startswith("flash_attention")) and layer_types == {"full_attention"}
+        return ((wraps_packable(kernel) or kernel.startswith("flash_attention"))
+                and layer_types == {"full_attention"})
 
     def _check_packing(self) -> None:
         """Refuse an attention kernel that transformers does not mask per packed sample (the rows would
@@ -127,12 +137,12 @@ class HFCausalLM(nn.Module):
                                      f"in transformers (kernels that have one: {known}); set data.packing = false "
                                      f"or pick one of those kernels for the LLM")
 
-    def _causal_hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+    def _layers_hidden(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, **attention) -> torch.Tensor:
+        """The decoder stack called layer by layer with no mask (``attention``: packed rows' boundaries)."""
         rotary = self.rotary(inputs_embeds, positions)
         hidden = inputs_embeds
         for layer in self.layers()[:self.hf_model.config.num_hidden_layers]:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary, **attention)
         return self.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

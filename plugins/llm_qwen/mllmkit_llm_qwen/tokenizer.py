@@ -78,6 +78,7 @@ class QwenTokenizer:
         self._enc = tiktoken.Encoding(name, pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
                                       special_tokens=self.special_ids)
         self.vocab_size: int = self._enc.n_vocab
+        self._known = frozenset(ranks.values()) | frozenset(self.special_ids.values())
         self.name = name
 
     def encode(self, text: str) -> list[int]:
@@ -85,8 +86,9 @@ class QwenTokenizer:
         return self._enc.encode(unicodedata.normalize("NFC", text), allowed_special=set(), disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``; special ids render as their names, ids past the vocabulary are dropped."""
-        return self._enc.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], errors="replace")
+        """Text of ``ids``; special ids render as their names; ids the vocabulary does not hold (the model's
+        padded embedding rows past it, the gaps of a stand-in vocabulary) are dropped."""
+        return self._enc.decode([int(i) for i in ids if int(i) in self._known], errors="replace")
 
     def token_id(self, token: str) -> int:
         if token not in self.special_ids:
