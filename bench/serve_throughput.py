@@ -8,8 +8,9 @@ thread of this process, batches of up to the highest concurrency); the clients a
 ``openai`` package, one thread and one client per concurrent user, each streaming (for the time to
 first token) ``--rounds`` requests one after another. Every request is one image (random pixels, a
 PNG data URL) + a ~100-token question, greedy, ``max_tokens`` 128. Per concurrency: aggregate
-generated tokens/s (all completion tokens / wall time), p50/p99 request latency and time to first
-token. The baseline is transformers ``generate`` on the same prompts one at a time (dynamic cache,
+generated tokens/s (all completion tokens / wall time), p50/p99 request latency, time to first
+token (the first chunk with text) and content chunks per request (text streamed as it is decoded).
+The baseline is transformers ``generate`` on the same prompts one at a time (dynamic cache,
 ``min_new_tokens`` = ``max_tokens``), timed from pixels and ids in to tokens out. Random weights can
 end an answer early at a stop token; the token counts the server reports are what is counted.
 """
@@ -63,24 +64,25 @@ def _clients(url: str, concurrency: int, rounds: int, new_tokens: int, size: int
     """``concurrency`` users, each streaming ``rounds`` requests; latency, TTFT and token counts."""
     import openai
 
-    records: list[tuple[float, float, int]] = []
+    records: list[tuple[float, float, int, int]] = []
     lock = threading.Lock()
 
     def user(u: int) -> None:
         client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=3600)
         for r in range(rounds):
-            start, first, tokens = time.perf_counter(), None, 0
+            start, first, tokens, pieces = time.perf_counter(), None, 0, 0
             stream = client.chat.completions.create(model="bench", messages=_messages(offset + u * rounds + r, size),
                                                     max_tokens=new_tokens, temperature=0, stream=True,
                                                     stream_options={"include_usage": True})
             for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter()
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter()
+                    pieces += 1
                 if chunk.usage is not None:
                     tokens = chunk.usage.completion_tokens
             end = time.perf_counter()
             with lock:
-                records.append((end - start, (first or end) - start, tokens))
+                records.append((end - start, (first or end) - start, tokens, pieces))
 
     threads = [threading.Thread(target=user, args=(u,)) for u in range(concurrency)]
     t0 = time.perf_counter()
@@ -89,8 +91,9 @@ def _clients(url: str, concurrency: int, rounds: int, new_tokens: int, size: int
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - t0
-    latency, ttft, tokens = zip(*records)
+    latency, ttft, tokens, pieces = zip(*records)
     return {"requests": len(records), "wall_s": round(wall, 3), "completion_tokens": sum(tokens),
+            "content_chunks_per_request": round(sum(pieces) / len(records), 1),
             "tokens_per_s": round(sum(tokens) / wall, 1),
             "latency_p50_s": round(_percentile(latency, 0.5), 3), "latency_p99_s": round(_percentile(latency, 0.99), 3),
             "ttft_p50_s": round(_percentile(ttft, 0.5), 3), "ttft_p99_s": round(_percentile(ttft, 0.99), 3)}

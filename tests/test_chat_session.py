@@ -161,6 +161,16 @@ def test_incremental_decoder_holds_back_partial_utf8():
     assert pieces[1] == "" and pieces[2] == "é"  # the 2-byte é appears only when complete
 
 
+def test_incremental_decoder_streams_bytes_that_never_form_characters():
+    """A lone lead byte repeated (what a random model emits) is invalid once the next one arrives: each
+    token's replacement character goes out one token later, not all at the end."""
+    decoder = IncrementalDecoder(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    pieces = [decoder.push([0xE4]) for _ in range(4)]
+    assert pieces == ["", "\ufffd", "\ufffd", "\ufffd"]
+    assert decoder.push([0xB8]) == "" and decoder.push([0xAD]) == "中"  # the last one's sequence completes
+    assert decoder.flush() == ""
+
+
 def test_images_are_encoded_once_per_session(session, tiny_image, monkeypatch):
     calls = []
     original = session.model.encode_images

@@ -33,8 +33,8 @@ def test_sample_boundaries_are_the_offsets_of_each_sample_and_the_padding_tail()
 def _dense_reference(query, key, value, lengths):
     """SDPA over the whole row with a block-diagonal causal mask built from the sample lengths."""
     total = sum(lengths)
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    mask = (doc[:, None] == doc[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(query.device)
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(total, total, dtype=torch.bool, device=query.device).tril()
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask).transpose(1, 2)

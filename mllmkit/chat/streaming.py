@@ -3,7 +3,9 @@
 transformers' ``TextIteratorStreamer`` needs a HF tokenizer; mllmkit tokenizers only promise
 ``decode(ids)``. :class:`IncrementalDecoder` turns a growing list of ids into new text pieces,
 holding back a trailing replacement character (a multi-byte UTF-8 character split across tokens)
-until the next token completes it. :class:`QueueStreamer` takes the tokens the generation thread
+until the next token completes it. Only the last one waits: UTF-8 decoding with replacement turns an
+unfinished sequence at the end into exactly one U+FFFD, so any before it stand for invalid bytes that
+no later token can change (a model emitting byte tokens that never form characters still streams). :class:`QueueStreamer` takes the tokens the generation thread
 hands to its ``on_token`` callback and queues text pieces for the consumer; it stops at the first
 stop token.
 """
@@ -40,8 +42,7 @@ class IncrementalDecoder:
     def push(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(int(t) for t in token_ids)
         text = self._decode(self.ids)
-        stable = text.rstrip(_REPLACEMENT)
-        return self._emit(stable)
+        return self._emit(text[:-1] if text.endswith(_REPLACEMENT) else text)
 
     def flush(self) -> str:
         return self._emit(self._decode(self.ids))
