@@ -23,16 +23,21 @@ Rows:
    and ``labels`` passed as a plain transformers user does: logits at every position), already on the
    GPU. Timed with wall-clock over the steps after the first 2 (synchronised). It does less work than
    the mllmkit LoRA row (no vision tower, no projector, no data loading), so the ratio is conservative.
-2. mllmkit lora: ``tune = "lora"`` r 64 all-linear on the LLM (+ the Linear projector trains),
-   ``parallel.type = "single"``, gradient checkpointing as the recipe (``--no-lora-checkpointing``: off
-   for this row and the baseline).
-3. mllmkit qlora nf4 (CUDA only): the same with ``model.llm.quantize = "nf4"`` (bitsandbytes; its error
-   is recorded when it is missing).
-4. mllmkit full, single, checkpointing: ``tune = "full"`` on the LLM (the SFT recipe), one process,
-   every decoder layer recomputed in backward.
-5. mllmkit lora, fsdp 1 process: the LoRA row under ``parallel.type = "fsdp"`` (FSDP2 over the
-   adapted LLM, fp32 masters, bf16 compute), one process, so the sharded code path runs on CUDA.
-6. mllmkit lora, zero3 1 process: the same under ``"zero"`` stage 3 (DeepSpeed).
+2. peft baseline, no checkpointing: the same without gradient checkpointing.
+3. mllmkit lora: the LoRA recipe (``tune = "lora"`` r 64 all-linear on the LLM, the Linear projector
+   trains), ``parallel.type = "single"``, gradient checkpointing as the recipe.
+4. mllmkit lora, no checkpointing: the same with ``model.llm.gradient_checkpointing = false``.
+5. mllmkit lora + liger packed (CUDA only), with and without checkpointing: the kit's fast path on the
+   same data: ``data.packing`` (whole samples in rows of up to 16 × 256 tokens, one row per step, so a
+   step is about the same 16 samples), ``train.fused_kernels = "liger"``.
+6. mllmkit qlora nf4 (CUDA only): row 3 with ``model.llm.quantize = "nf4"`` (bitsandbytes).
+7. mllmkit lora, fsdp 1 process / zero3 1 process: row 3 under ``parallel.type = "fsdp"`` (FSDP2 over the
+   adapted LLM, fp32 masters, bf16 compute) and ``"zero"`` stage 3 (DeepSpeed), one process, so the
+   sharded code paths run on CUDA.
+8. mllmkit full, single, checkpointing: ``tune = "full"`` on the LLM (the SFT recipe), one process,
+   every decoder layer recomputed in backward; and the same + liger packed (CUDA only).
+
+"vs peft" compares a LoRA row with the peft baseline of the same checkpointing setting.
 
 A full fine-tune under ``fsdp``/``zero`` stage 3 keeps fp32 masters, gradients and AdamW moments on the
 GPU, 16 bytes per parameter = 123 GB for the 7.7B LLM before activations: more than one H200 holds in
@@ -131,7 +136,7 @@ def baseline_batches(overrides: list[str], annotations: pathlib.Path, template, 
             for draws in epoch_micro_batches(order, micro_batch)]
 
 
-def peft_baseline(overrides: list[str], annotations: pathlib.Path, costs: dict, micro_batch: int, accum: int,
+def peft_baseline(overrides: list[str], annotations: pathlib.Path, costs: dict, micro_batch: int, accum: int, *,
                   checkpointing: bool, tiny: bool) -> dict:
     """Row 1: plain transformers + peft on the same LLM and micro-batches (see the module docstring)."""
     from peft import LoraConfig, get_peft_model
@@ -190,7 +195,8 @@ def peft_baseline(overrides: list[str], annotations: pathlib.Path, costs: dict, 
     losses = [step(group) for group in steps[SKIP_STEPS:]]
     seconds = time.perf_counter() - start
     timed = [b for group in steps[SKIP_STEPS:] for b in group]
-    return {"row": "peft baseline", "measured_steps": len(losses), "run_wall_s": round(time.perf_counter() - t0, 1),
+    name = "peft baseline" if checkpointing else "peft baseline, no checkpointing"
+    return {"row": name, "measured_steps": len(losses), "run_wall_s": round(time.perf_counter() - t0, 1),
             "samples_per_s": sum(b[0].shape[0] for b in timed) / seconds if losses else float("nan"),
             "labelled_tokens_per_s": sum(b[4] for b in timed) / seconds if losses else float("nan"),
             "padded_tokens_per_sample": sum(b[0].numel() for b in timed) / max(sum(b[0].shape[0] for b in timed), 1),
@@ -206,7 +212,7 @@ def required_flops(row: str, costs: dict) -> float:
         llm = 6 * dense
     else:
         llm = 4 * dense + 6 * costs["llm_lora_params"] * tokens
-    if row == "peft baseline":
+    if row.startswith("peft baseline"):
         return llm
     return llm + costs["vision_flops_per_image"] + 3 * costs["projector_flops_per_image"]
 
@@ -217,8 +223,6 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="samples in the synthetic data set (one epoch per row)")
     ap.add_argument("--batch", type=int, default=16, help="micro-batch of every row (the step stays 16 samples when ≤ 16)")
     ap.add_argument("--workers", type=int, default=8, help="data.num_workers of the mllmkit rows")
-    ap.add_argument("--lora-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="gradient checkpointing in the LoRA rows and the peft baseline (the recipe's: on)")
     ap.add_argument("--rows", default="", help="row names to run, separated by ';' (default: all), e.g. "
                                                "'peft baseline;mllmkit lora'")
     args = ap.parse_args()
@@ -241,37 +245,43 @@ def main() -> None:
                   "data.pad_to_multiple=64", "data.augment=false"]
         if args.tiny:
             common += ["train.precision=fp32", "train.device=cpu"]
-        lora = common + ["parallel.type=single"] + model_overrides(args.tiny, eva, args.lora_checkpointing,
-                                                                   recipe=LORA_RECIPE)
+        lora = common + ["parallel.type=single"] + model_overrides(args.tiny, eva, True, recipe=LORA_RECIPE)
+        lora_no_ckpt = common + ["parallel.type=single"] + model_overrides(args.tiny, eva, False, recipe=LORA_RECIPE)
+        fast = ["train.micro_batch_size=1", "train.grad_accum=1", "data.packing=true",
+                f"data.max_tokens_per_batch={16 * 256}", "train.fused_kernels=liger"]
         full = common + model_overrides(args.tiny, eva, checkpointing=True, recipe=SFT_RECIPE)
         costs = flops_per_sample(lora, annotations, recipe=LORA_RECIPE)
         costs.pop("text_flops_per_sample")  # train_throughput's frozen-LLM formula; here: required_flops
         result["costs"] = costs
         matmul = B.matmul_tflops()
         result["bf16_matmul_tflops"] = round(matmul, 1)
-        planned = [
-            ("peft baseline", functools.partial(peft_baseline, lora, annotations, costs, args.batch, accum,
-                                                args.lora_checkpointing, args.tiny)),
-            ("mllmkit lora", functools.partial(mllmkit_row, "mllmkit lora", lora, tmp, LORA_RECIPE)),
-        ]
+        baseline = functools.partial(peft_baseline, lora, annotations, costs, args.batch, accum, tiny=args.tiny)
+        planned = [("peft baseline", functools.partial(baseline, checkpointing=True)),
+                   ("peft baseline, no checkpointing", functools.partial(baseline, checkpointing=False))]
+
+        def row(name: str, overrides: list[str], recipe: pathlib.Path = LORA_RECIPE) -> None:
+            planned.append((name, functools.partial(mllmkit_row, name, overrides, tmp, recipe)))
+
+        row("mllmkit lora", lora)
+        row("mllmkit lora, no checkpointing", lora_no_ckpt)
+        if not args.tiny:  # liger and bitsandbytes are CUDA only
+            row("mllmkit lora + liger packed", lora + fast)
+            row("mllmkit lora + liger packed, no checkpointing", lora_no_ckpt + fast)
+            row("mllmkit qlora nf4", lora + ["model.llm.quantize=nf4"])
+        row("mllmkit lora, fsdp 1 process", [o for o in lora if o != "parallel.type=single"] + ["parallel.type=fsdp"])
+        row("mllmkit lora, zero3 1 process", [o for o in lora if o != "parallel.type=single"] +
+            ["parallel.type=zero", "parallel.stage=3"])
+        row("mllmkit full, single, checkpointing", full + ["parallel.type=single"], SFT_RECIPE)
         if not args.tiny:
-            planned.append(("mllmkit qlora nf4", functools.partial(
-                mllmkit_row, "mllmkit qlora nf4", lora + ["model.llm.quantize=nf4"], tmp, LORA_RECIPE)))
-        lora_fsdp = [o for o in lora if o != "parallel.type=single"] + ["parallel.type=fsdp"]
-        planned.append(("mllmkit lora, fsdp 1 process", functools.partial(
-            mllmkit_row, "mllmkit lora, fsdp 1 process", lora_fsdp, tmp, LORA_RECIPE)))
-        lora_zero3 = [o for o in lora if o != "parallel.type=single"] + ["parallel.type=zero", "parallel.stage=3"]
-        planned.append(("mllmkit lora, zero3 1 process", functools.partial(
-            mllmkit_row, "mllmkit lora, zero3 1 process", lora_zero3, tmp, LORA_RECIPE)))
-        name = "mllmkit full, single, checkpointing"
-        planned.append((name, functools.partial(mllmkit_row, name, full + ["parallel.type=single"], tmp, SFT_RECIPE)))
+            row("mllmkit full + liger packed, single, checkpointing", full + ["parallel.type=single"] + fast, SFT_RECIPE)
         result["errors"] = {}
         rows = run_rows(planned, args.rows, result["errors"])
-    base = next((row for row in rows if row["row"] == "peft baseline"), None)
+    bases = {row["row"]: row for row in rows if row["row"].startswith("peft baseline")}
     table = []
     for row in rows:
         row["required_flops_per_sample"] = required_flops(row["row"], costs)
         row["mfu"] = row["samples_per_s"] * row["required_flops_per_sample"] / (matmul * 1e12)
+        base = bases.get("peft baseline, no checkpointing" if "no checkpointing" in row["row"] else "peft baseline")
         lora_row = "lora" in row["row"] and base is not None
         row["vs_peft"] = row["samples_per_s"] / base["samples_per_s"] if lora_row else None
         table.append([row["row"], f"{row['samples_per_s']:.2f}", f"{row['labelled_tokens_per_s']:.0f}",
