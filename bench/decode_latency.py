@@ -44,11 +44,38 @@ def median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def step_kernels(decoder: Decoder, steps: int = 20, top: int = 25) -> list[dict]:
+    """CUDA time per decode step by kernel (the step run outside its graph, so the profiler sees each
+    kernel); prints the table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.step(torch.zeros(1, dtype=torch.long, device=decoder.device), 200, 200)
+    with torch.inference_mode():
+        for _ in range(3):
+            decoder._step_fn()
+        B.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                decoder._step_fn()
+            B.sync()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / steps
+    rows = [{"kernel": e.key[:120], "us_per_step": round(e.device_time_total / steps, 1),
+             "calls_per_step": e.count // steps} for e in events[:top]]
+    print(f"decode step kernels ({'compiled' if decoder.compiled else 'eager'}): {total:.0f} us of GPU time per step")
+    for row in rows:
+        print(f"  {row['us_per_step']:8.1f} us  x{row['calls_per_step']:<4} {row['kernel']}")
+    return [{"kernel": "(all)", "us_per_step": round(total, 1), "calls_per_step": sum(e.count for e in events) // steps},
+            *rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true",
+                    help="also: the CUDA kernels of one decode step (eager and compiled), from torch.profiler")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     if args.tiny:
@@ -147,7 +174,11 @@ def main() -> None:
             measured[key] = {"ttft_ms": round(ttft * 1e3, 2), "total_s": round(full, 4),
                              "decode_tokens_per_s": round(rate, 1), "fraction_of_bound": round(rate / bound, 3)}
             rows.append([key, f"{ttft * 1e3:.1f}", f"{rate:.1f}", f"{100 * rate / bound:.0f}%"])
+    if args.profile and device.type == "cuda" and "compile_error" not in result:
+        result["step_kernels"] = {"compiled": step_kernels(_DECODERS[hf])}
     decoder_for(llm, len(ids) + args.new_tokens, compile=False)
+    if args.profile and device.type == "cuda":
+        result.setdefault("step_kernels", {})["eager"] = step_kernels(_DECODERS[hf])
     hf_tokens, mk_tokens = hf_run(64), mk_run(64)
     same = next((i for i, (a, b) in enumerate(zip(hf_tokens, mk_tokens)) if a != b), len(hf_tokens))
     result["greedy_first_64_agree_for"] = same

@@ -10,7 +10,8 @@ overlaps the GPU. Elsewhere (CPU) the same static-cache loop runs eagerly; ``bac
 transformers ``generate`` instead. A decoder fuses each frozen layer's q/k/v and gate/up weights into
 one matmul each (:func:`mllmkit.fused_projections.fuse_projections`; same weights, fewer launches),
 and left-pads a prompt to a multiple of ``PREFILL_BUCKET`` tokens (masked out, positions unchanged),
-so prompts of many lengths share a few prefill shapes.
+so prompts of many lengths share a few prefill shapes; on CUDA each of those prefills is a CUDA graph
+too, captured at its first use (:class:`mllmkit.cuda_graphs.CapturedCall`).
 
 Token selection follows transformers ``generate``: float32 logits, then its own processors in its
 order (repetition penalty over the generated tokens, temperature, top-k, top-p), then ``argmax`` or
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from mllmkit.cuda_graphs import CapturedCall
 from mllmkit.fused_projections import fuse_projections
 from mllmkit.hf_llm import cache_keyword
 
@@ -106,6 +108,8 @@ class Decoder:
         self._slot = torch.zeros((), dtype=torch.long, device=dev)         # its cache slot
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
+        self._prefills: dict[int, CapturedCall] = {}  # by prompt length (multiples of PREFILL_BUCKET)
+        self._prefill_pool = None
         self.compiled = compile
         # torch.compile fuses the step's elementwise work (norms, rotary, SiLU·mul, casts) into fewer
         # kernels; the compiled step is then captured in the CUDA graph like the eager one.
@@ -183,8 +187,21 @@ class Decoder:
 
     def prefill(self, inputs_embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Run ``[rows, L, H]`` prompts (``valid [rows, L]``, left padding False) into an empty cache;
-        returns the last position's ``[rows, vocab]`` float32 logits."""
-        return self._prefill(inputs_embeds, valid)
+        returns the last position's ``[rows, vocab]`` float32 logits (with a CUDA graph: a buffer that
+        the next prefill of this length overwrites). With CUDA graphs, a bucketed length (a multiple of
+        :data:`PREFILL_BUCKET`) replays a graph captured at its first prefill."""
+        embeds = inputs_embeds.to(device=self.device, dtype=self.dtype)
+        valid = valid.to(self.device)
+        length = embeds.shape[1]
+        if not self.use_cuda_graph or length % PREFILL_BUCKET:
+            return self._prefill(embeds, valid)
+        call = self._prefills.get(length)
+        if call is None:
+            if self._prefill_pool is None:
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            call = self._prefills[length] = CapturedCall(self._prefill, [embeds, valid], pool=self._prefill_pool,
+                                                         warmup=1)
+        return call(embeds, valid)
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor | int, slot: int) -> torch.Tensor:
         """Feed one token a row (``ids [rows]`` at rotary ``positions``) into cache ``slot``; returns the
@@ -226,7 +243,7 @@ class Decoder:
         ready = torch.cuda.Event() if self.device.type == "cuda" else None
         next_pos = int(valid.sum())  # rotary position of the first new token (left padding not counted)
 
-        logits = self._prefill(inputs_embeds.to(self.device), valid)
+        logits = self.prefill(inputs_embeds, valid)
         out: list[int] = []
         for step in range(max_new_tokens):
             scores = processors(generated[:, :step], logits) if processors else logits

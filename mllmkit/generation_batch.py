@@ -127,6 +127,8 @@ def generate_batch(llm: nn.Module, rows: Sequence[BatchRow], *, use_cuda_graph: 
     for i, row in enumerate(rows):  # left padding: every prompt ends at the last position
         embeds[i, length - row.embeds.shape[0]:] = row.embeds.to(device=device, dtype=decoder.dtype)
         valid[i, length - row.embeds.shape[0]:] = True
+    embeds, valid = decoder.bucket(embeds, valid, steps)  # a few prefill shapes (each a CUDA graph)
+    length = embeds.shape[1]
     next_pos = valid.sum(dim=1)  # rotary position of each row's first new token (padding not counted)
 
     generated = torch.zeros(count, steps, dtype=torch.long, device=device)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllmkit.cuda_graphs import graphed_image_encoder
 from mllmkit.errors import UserError
 from mllmkit.precision import part_autocast
 from mllmkit.template import IGNORE_INDEX
@@ -103,7 +104,16 @@ class MLLM(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[n, 3, H, W]`` → ``[n, tokens_per_image, llm hidden]``, each part in its precision
-        (:meth:`run_part`); :meth:`embed` casts the rows to the LLM's embedding dtype."""
+        (:meth:`run_part`); :meth:`embed` casts the rows to the LLM's embedding dtype. Under
+        ``torch.inference_mode`` on CUDA (chat, serving, evaluation) the image path replays a CUDA graph
+        captured per pixel shape (:func:`mllmkit.cuda_graphs.graphed_image_encoder`)."""
+        param = next(self.vision.parameters(), None)
+        if param is not None and param.is_cuda and torch.is_inference_mode_enabled() and not self.training:
+            return graphed_image_encoder(self, [self.vision, *self.bridges], self._encode_images,
+                                         pixels.to(param.device))
+        return self._encode_images(pixels)
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_parts.get("vision", False)):
             feats = self.run_part("vision", pixels)
         for i in range(len(self.bridges)):
